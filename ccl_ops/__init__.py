@@ -1,0 +1,23 @@
+"""ccl_ops: fused ops and losses for CNN-Transformer collaborative learning (ICCV 2023), METHOD.md §1-3.
+
+``pixel_selective_kl`` and ``region_direction_mask`` run as ``torch.ops.ccl`` custom ops with fused C++ (CPU)
+and CUDA kernels when the compiled extension is present, and fall back to the pure-PyTorch implementations in
+:mod:`ccl_ops.reference` (with one warning) when it is not; :func:`backend` says which serves a device.
+"""
+from . import reference
+from .losses import PixelBSDLoss, RegionBSDLoss, RegionBSDOutput
+from .ops import KERNEL_DEVICES, backend, pixel_selective_kl, region_direction_mask
+from .reference import RegionMask, SelectiveKL
+
+__all__ = [
+    "KERNEL_DEVICES",
+    "PixelBSDLoss",
+    "RegionBSDLoss",
+    "RegionBSDOutput",
+    "RegionMask",
+    "SelectiveKL",
+    "backend",
+    "pixel_selective_kl",
+    "reference",
+    "region_direction_mask",
+]

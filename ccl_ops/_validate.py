@@ -1,0 +1,72 @@
+"""Argument checks shared by the fused ops and the reference (same messages everywhere).
+
+Only metadata is checked here (shapes, dtypes, devices, option values), so the checks cost nothing and trace
+under ``torch.compile``. Label values are data: the fused kernels check them while they read them, and the
+reference checks them in eager mode (:func:`check_label_values`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+RULES = ("correct", "confidence", "all")
+NORMALIZATIONS = ("valid", "selected")
+SCORES = ("ce", "accuracy")
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_inputs(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor) -> None:
+    for name, z in (("za", za), ("zb", zb)):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(z.shape)}")
+        if z.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {z.dtype}")
+    if zb.shape != za.shape:
+        raise ValueError(f"zb must have the shape of za {tuple(za.shape)}, got {tuple(zb.shape)}")
+    if zb.dtype != za.dtype:
+        raise TypeError(f"zb must have the dtype of za ({za.dtype}), got {zb.dtype}")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        raise TypeError(f"y must be int64 labels, got {y.dtype}")
+    n, c, h, w = za.shape
+    if tuple(y.shape) != (n, h, w):
+        raise ValueError(f"y must have shape (N, H, W) = {(n, h, w)} to match the logits, got {tuple(y.shape)}")
+    if c < 1:
+        raise ValueError(f"za must have at least one channel, got C = {c}")
+    if zb.device != za.device or y.device != za.device:
+        raise ValueError(f"za, zb and y must be on one device, got {za.device}, {zb.device}, {y.device}")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is unknown; expected one of {', '.join(map(repr, choices))}")
+
+
+def check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
+def check_region(region) -> tuple[int, int]:
+    pair = (region, region) if isinstance(region, int) else tuple(region)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"region must be an int or a pair of ints (rh, rw), got {region!r}")
+    if min(pair) < 1:
+        raise ValueError(f"region sizes must be >= 1, got {region!r}")
+    return pair
+
+
+def check_label_values(y: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise if a label is neither in [0, C) nor ignore_index (a data-dependent check: eager mode only)."""
+    bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
+    if bool(bad.any()):
+        value = int(y[bad][0])
+        raise ValueError(
+            f"y contains label value {value}, which is neither in [0, {num_classes}) nor ignore_index={ignore_index}"
+        )

@@ -1,0 +1,79 @@
+"""Thin ``nn.Module`` wrappers over the ops: pixel-wise BSD (METHOD.md §1) and region-wise BSD (§3)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validate import check_region
+from .ops import pixel_selective_kl, region_direction_mask
+from .reference import SelectiveKL
+
+
+def _to_label_size(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The ops never resize; these modules bring logits to the label grid (bilinear), as METHOD.md asks callers."""
+    if z.shape[-2:] == y.shape[-2:]:
+        return z
+    return F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class PixelBSDLoss(nn.Module):
+    """Pixel-wise bidirectional selective distillation. ``forward`` returns :class:`SelectiveKL`; use ``.total``."""
+
+    def __init__(self, temperature: float = 1.0, rule: str = "correct", normalize: str = "valid",
+                 ignore_index: int = 255):
+        super().__init__()
+        self.temperature, self.rule, self.normalize, self.ignore_index = temperature, rule, normalize, ignore_index
+
+    def forward(self, za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor) -> SelectiveKL:
+        return pixel_selective_kl(
+            _to_label_size(za, y), _to_label_size(zb, y), y, temperature=self.temperature, rule=self.rule,
+            normalize=self.normalize, ignore_index=self.ignore_index,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, rule={self.rule!r}, normalize={self.normalize!r}"
+
+
+class RegionBSDOutput(NamedTuple):
+    loss: torch.Tensor  # scalar
+    direction: torch.Tensor  # int8 (N, h, w): the region mask on the feature grid (+1 A teaches B, -1 B teaches A)
+
+
+class RegionBSDLoss(nn.Module):
+    """Region-wise BSD (METHOD.md §3): masked feature MSE between projected last encoder features.
+
+    Each student's feature goes through its own 1x1 projection to ``dim`` channels and is resized (bilinear) to a
+    common grid: ``grid`` if given, else the finer of the two feature grids. The direction mask of
+    :func:`region_direction_mask` (computed on the label grid) is resized to that grid by nearest neighbour. The
+    learner's projection gets the gradient; the teacher side is detached.
+    """
+
+    def __init__(self, channels_a: int, channels_b: int, dim: int = 128, grid: tuple[int, int] | None = None,
+                 region=(16, 16), score: str = "ce", ignore_index: int = 255):
+        super().__init__()
+        self.proj_a = nn.Conv2d(channels_a, dim, kernel_size=1)
+        self.proj_b = nn.Conv2d(channels_b, dim, kernel_size=1)
+        self.dim, self.grid = dim, grid
+        self.region, self.score, self.ignore_index = check_region(region), score, ignore_index
+
+    def forward(self, ga: torch.Tensor, gb: torch.Tensor, za: torch.Tensor, zb: torch.Tensor,
+                y: torch.Tensor) -> RegionBSDOutput:
+        with torch.no_grad():
+            mask = region_direction_mask(
+                _to_label_size(za.detach(), y), _to_label_size(zb.detach(), y), y, region=self.region,
+                score=self.score, ignore_index=self.ignore_index,
+            ).direction
+        grid = self.grid or max(ga.shape[-2:], gb.shape[-2:], key=lambda s: s[0] * s[1])
+        fa = F.interpolate(self.proj_a(ga), size=grid, mode="bilinear", align_corners=False)
+        fb = F.interpolate(self.proj_b(gb), size=grid, mode="bilinear", align_corners=False)
+        d = F.interpolate(mask[:, None].float(), size=grid, mode="nearest")[:, 0]
+        a_teaches = (d > 0).to(fa.dtype)
+        b_teaches = (d < 0).to(fa.dtype)
+        per_cell_b = (fb - fa.detach()).pow(2).sum(1) / self.dim  # B learns where A teaches
+        per_cell_a = (fa - fb.detach()).pow(2).sum(1) / self.dim
+        cells = (a_teaches + b_teaches).sum().clamp(min=1)
+        loss = (a_teaches * per_cell_b + b_teaches * per_cell_a).sum() / cells
+        return RegionBSDOutput(loss, d.to(torch.int8))

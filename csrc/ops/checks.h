@@ -1,0 +1,59 @@
+// Argument checks shared by the CPU and CUDA kernels. The Python wrappers check
+// the same things first with friendlier messages; these protect direct callers
+// of torch.ops.ccl.*.
+#pragma once
+#include <ATen/ATen.h>
+#include <string>
+
+namespace ccl {
+
+enum class Rule { kCorrect, kConfidence, kAll };
+enum class Normalize { kValid, kSelected };
+enum class Score { kCrossEntropy, kAccuracy };
+
+// Bits of the per-pixel selection mask of pixel_selective_kl.
+constexpr uint8_t kAteachesB = 1;
+constexpr uint8_t kBteachesA = 2;
+
+inline Rule parse_rule(const std::string& rule) {
+  if (rule == "correct") return Rule::kCorrect;
+  if (rule == "confidence") return Rule::kConfidence;
+  if (rule == "all") return Rule::kAll;
+  TORCH_CHECK(false, "rule='", rule, "' is unknown; expected one of 'correct', 'confidence', 'all'");
+}
+
+inline Normalize parse_normalize(const std::string& normalize) {
+  if (normalize == "valid") return Normalize::kValid;
+  if (normalize == "selected") return Normalize::kSelected;
+  TORCH_CHECK(false, "normalize='", normalize, "' is unknown; expected 'valid' or 'selected'");
+}
+
+inline Score parse_score(const std::string& score) {
+  if (score == "ce") return Score::kCrossEntropy;
+  if (score == "accuracy") return Score::kAccuracy;
+  TORCH_CHECK(false, "score='", score, "' is unknown; expected 'ce' or 'accuracy'");
+}
+
+// za, zb: (N, C, H, W) floating, same shape/dtype/device; y: int64 (N, H, W).
+inline void check_logits_and_labels(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y) {
+  TORCH_CHECK(za.dim() == 4, "za must be 4-D (N, C, H, W), got shape ", za.sizes());
+  TORCH_CHECK(zb.sizes() == za.sizes(), "zb must have the shape of za ", za.sizes(), ", got ", zb.sizes());
+  TORCH_CHECK(at::isFloatingType(za.scalar_type()),
+              "za must be float32, float16, bfloat16 or float64, got ", za.scalar_type());
+  TORCH_CHECK(zb.scalar_type() == za.scalar_type(), "zb must have the dtype of za (", za.scalar_type(),
+              "), got ", zb.scalar_type());
+  TORCH_CHECK(y.scalar_type() == at::kLong, "y must be int64, got ", y.scalar_type());
+  TORCH_CHECK(y.dim() == 3 && y.size(0) == za.size(0) && y.size(2) == za.size(3) && y.size(1) == za.size(2),
+              "y must have shape (N, H, W) = (", za.size(0), ", ", za.size(2), ", ", za.size(3), "), got ",
+              y.sizes());
+  TORCH_CHECK(zb.device() == za.device() && y.device() == za.device(),
+              "za, zb and y must be on one device, got ", za.device(), ", ", zb.device(), ", ", y.device());
+  TORCH_CHECK(za.size(1) >= 1, "za must have at least one channel, got C = ", za.size(1));
+}
+
+inline void check_temperature(double temperature) {
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+              "temperature must be a finite number > 0, got ", temperature);
+}
+
+}  // namespace ccl
