@@ -1,0 +1,47 @@
+"""Datasets: ``build_dataset(name, split, root=None, **options)``.
+
+Names: ``digits`` (embedded default, offline), ``voc``, ``voc_aug``, ``cityscapes``, ``camvid``, ``ade20k``.
+Items are ``(image float32 (3, H, W), label int64 (H, W))``, ignore index 255; datasets expose ``num_classes``,
+``ignore_index`` and ``class_names``.
+"""
+from __future__ import annotations
+
+from .base import IGNORE_INDEX, SegDataset
+from .benchmarks import BENCHMARKS
+from .digits import DigitsDataset
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, SegTransform
+
+DATASETS = ("digits",) + tuple(BENCHMARKS)
+
+
+def build_dataset(name: str, split: str, root=None, *, augment: bool | None = None, crop_size=None,
+                  scale_range=(0.5, 2.0), flip: bool | None = None, photometric: bool = True, resize=None,
+                  normalize: bool = True, **options) -> SegDataset:
+    """Build a dataset by name.
+
+    Augmentation (random scale, crop with ignore padding, flip, photometric) is on for ``split="train"``
+    of the benchmarks unless ``augment=False``; ``crop_size`` defaults to the usual size per benchmark
+    (VOC/ADE20K 512, Cityscapes 768, CamVid 360). ``digits`` is not augmented by default (``augment=True``
+    uses a crop of its own size and no flip: mirrored digits are not digits). Evaluation items keep their
+    full resolution unless ``resize=(h, w)``. ``normalize`` applies ImageNet mean/std.
+
+    Other options go to the dataset: ``digits``: ``size`` (64 or 128), ``num_images``, ``seed``,
+    ``cache_dir``; ``cityscapes``: ``label_type`` (``"labelIds"`` or ``"labelTrainIds"``).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"name={name!r}: expected one of {list(DATASETS)}")
+    is_digits = name == "digits"
+    if augment is None:
+        augment = split == "train" and not is_digits
+    if crop_size is None and augment:
+        crop_size = options.get("size", 128) if is_digits else BENCHMARKS[name][1]
+    transform = SegTransform(augment=augment, crop_size=crop_size, scale_range=tuple(scale_range),
+                             flip=(not is_digits) if flip is None else flip, photometric=photometric,
+                             mean=IMAGENET_MEAN if normalize else None, std=IMAGENET_STD if normalize else None,
+                             resize=resize, ignore_index=IGNORE_INDEX)
+    if is_digits:
+        return DigitsDataset(split, transform=transform, **options)
+    return BENCHMARKS[name][0](split, root, transform=transform, **options)
+
+
+__all__ = ["build_dataset", "DATASETS", "SegDataset", "SegTransform", "DigitsDataset", "IGNORE_INDEX"]

@@ -1,0 +1,123 @@
+"""Dataset base class and the file readers shared by every benchmark.
+
+Items are ``(image float32 (3, H, W), label int64 (H, W))``; labels hold class ids in ``[0, num_classes)``
+or ``ignore_index`` (255). A raw label value that the dataset's layout does not define is an error.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .transforms import SegTransform
+
+IGNORE_INDEX = 255
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB uint8 (H, W, 3); an unreadable file is an OSError naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:
+        raise OSError(f"cannot read image {path!r}: {exc}") from exc
+
+
+def read_label(path: str) -> np.ndarray:
+    """Class-index PNG (palette 'P' or grayscale 'L') as uint8 (H, W), without palette conversion."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("P", "L"):
+                return np.asarray(im)
+    except Exception as exc:
+        raise OSError(f"cannot read label {path!r}: {exc}") from exc
+    raise ValueError(f"label {path!r} has PIL mode {mode!r}; expected a class-index PNG in palette ('P') "
+                     "or 8-bit grayscale ('L') mode, not a color rendering")
+
+
+def make_lut(mapping: Mapping[int, int]) -> np.ndarray:
+    """256-entry table raw value -> train id; -1 marks values the layout does not define."""
+    lut = np.full(256, -1, dtype=np.int64)
+    for raw, train_id in mapping.items():
+        lut[raw] = train_id
+    lut[IGNORE_INDEX] = IGNORE_INDEX  # 255 is ignore everywhere
+    return lut
+
+
+def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str) -> np.ndarray:
+    label = lut[raw]
+    if (label < 0).any():
+        bad = sorted(set(np.unique(raw[label < 0]).tolist()))
+        allowed = np.flatnonzero(lut >= 0).tolist()
+        raise ValueError(f"label {path!r} contains values {bad[:10]} that this dataset does not define; "
+                         f"expected raw values in {_ranges(allowed)}")
+    return label
+
+
+def _ranges(values: Sequence[int]) -> str:
+    out, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return "{" + ", ".join(out) + "}"
+
+
+class SegDataset(Dataset):
+    """Base: subclasses implement ``__len__`` and ``load(index) -> (uint8 (H, W, 3), int64 (H, W))``."""
+
+    name = "seg"
+    ignore_index = IGNORE_INDEX
+
+    def __init__(self, split: str, class_names: Sequence[str], transform: SegTransform | None = None):
+        self.split = split
+        self.class_names = list(class_names)
+        self.transform = transform or SegTransform()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        image, label = self.load(index)
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        return self.transform(image, torch.from_numpy(np.ascontiguousarray(label)).long())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(split={self.split!r}, items={len(self)}, num_classes={self.num_classes})"
+
+
+class FileSegDataset(SegDataset):
+    """Pairs of (image file, label file) decoded through a lookup table."""
+
+    def __init__(self, split: str, pairs: Sequence[tuple[str, str]], class_names: Sequence[str],
+                 lut: np.ndarray, transform: SegTransform | None = None):
+        super().__init__(split, class_names, transform)
+        self.pairs = list(pairs)
+        self.lut = lut
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int):
+        image_path, label_path = self.pairs[index]
+        image, raw = read_image(image_path), read_label(label_path)
+        if image.shape[:2] != raw.shape:
+            raise ValueError(f"image {image_path!r} is {image.shape[1]}x{image.shape[0]} but its label "
+                             f"{label_path!r} is {raw.shape[1]}x{raw.shape[0]}")
+        return image, apply_lut(raw, self.lut, label_path)
+
+
+def require_files(paths: Sequence[str], what: str, layout: str) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} {what} missing, e.g. {missing[0]!r}; expected layout:\n{layout}")

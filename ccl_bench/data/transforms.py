@@ -1,0 +1,105 @@
+"""Joint image/label augmentations on tensors: image float32 (3, H, W) in [0, 1], label int64 (H, W).
+
+Randomness comes from torch's global generator, which DataLoader seeds differently in every worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def _randint(high: int) -> int:
+    """Uniform integer in [0, high]."""
+    return int(torch.randint(0, high + 1, ()).item()) if high > 0 else 0
+
+
+def resize_pair(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]):
+    """Bilinear (antialiased) for the image, nearest for the label."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image, label
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    label = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+    return image, label
+
+
+def photometric(image: torch.Tensor, strength: float = 0.25) -> torch.Tensor:
+    """Random brightness, contrast and saturation (each with probability 1/2), on a [0, 1] image."""
+    if torch.rand(()) < 0.5:
+        image = image * _uniform(1 - strength, 1 + strength)
+    if torch.rand(()) < 0.5:
+        mean = image.mean()
+        image = (image - mean) * _uniform(1 - strength, 1 + strength) + mean
+    if torch.rand(()) < 0.5:
+        gray = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
+        image = (image - gray) * _uniform(1 - strength, 1 + strength) + gray
+    return image.clamp_(0, 1)
+
+
+def random_scale_crop(image: torch.Tensor, label: torch.Tensor, crop_size: tuple[int, int],
+                      scale_range: tuple[float, float], ignore_index: int):
+    """Equivalent to: rescale by s ~ U(scale_range), pad to ``crop_size`` (image 0, label ``ignore_index``),
+    random crop. Only the source window that survives the crop is resized (cheap for large images)."""
+    (ch, cw), (h, w) = crop_size, label.shape
+    s = _uniform(*scale_range)
+    sh, sw = min(h, max(1, round(ch / s))), min(w, max(1, round(cw / s)))
+    y0, x0 = _randint(h - sh), _randint(w - sw)
+    image, label = image[:, y0:y0 + sh, x0:x0 + sw], label[y0:y0 + sh, x0:x0 + sw]
+    image, label = resize_pair(image, label, (min(ch, max(1, round(sh * s))), min(cw, max(1, round(sw * s)))))
+    ph, pw = ch - label.shape[0], cw - label.shape[1]
+    if ph or pw:
+        oy, ox = _randint(ph), _randint(pw)
+        image = F.pad(image, (ox, pw - ox, oy, ph - oy), value=0.0)
+        label = F.pad(label, (ox, pw - ox, oy, ph - oy), value=ignore_index)
+    return image, label
+
+
+@dataclass
+class SegTransform:
+    """Train: photometric -> normalize -> random scale + crop with ignore padding -> horizontal flip.
+    Eval (``augment=False``): normalize only (plus a fixed resize when ``resize`` is given)."""
+
+    augment: bool = False
+    crop_size: tuple[int, int] | None = None
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    photometric: bool = True
+    mean: Sequence[float] | None = IMAGENET_MEAN
+    std: Sequence[float] | None = IMAGENET_STD
+    resize: tuple[int, int] | None = None
+    ignore_index: int = 255
+
+    def __post_init__(self):
+        if self.augment and self.crop_size is None:
+            raise ValueError("crop_size=None: augmentation needs a crop size (an int or (h, w))")
+        if isinstance(self.crop_size, int):
+            self.crop_size = (self.crop_size, self.crop_size)
+        if isinstance(self.resize, int):
+            self.resize = (self.resize, self.resize)
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range={self.scale_range!r}: expected 0 < low <= high")
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor):
+        if self.augment and self.photometric:
+            image = photometric(image)
+        if self.mean is not None:
+            mean = torch.tensor(self.mean, dtype=image.dtype)[:, None, None]
+            std = torch.tensor(self.std, dtype=image.dtype)[:, None, None]
+            image = (image - mean) / std
+        if self.resize is not None:
+            image, label = resize_pair(image, label, self.resize)
+        if self.augment:
+            image, label = random_scale_crop(image, label, self.crop_size, self.scale_range, self.ignore_index)
+            if self.flip and torch.rand(()) < 0.5:
+                image, label = image.flip(-1), label.flip(-1)
+        return image.contiguous(), label.contiguous()
