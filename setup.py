@@ -28,7 +28,7 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec's AVX2 path (Sleef exp/log, exported by libtorch_cpu); the binary then needs an AVX2 CPU.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -39,7 +39,7 @@ def _extension():
         # No GPU to ask: build for Ampere and Hopper instead of every architecture torch knows.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     print(f"ccl_ops: building the C++ and CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     return CUDAExtension(
         "ccl_ops._C",
         sources + _sources("csrc/cuda/*.cu"),

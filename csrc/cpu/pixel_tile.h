@@ -1,0 +1,194 @@
+// Per-pixel softmax statistics over C for a tile of pixels, shared by the CPU kernels.
+//
+// Layout: a tile is a run of up to kTile consecutive pixels (flattened h * W + w) of one sample. For every
+// channel c the tile's logits are loaded as at::vec vectors across pixels (for NCHW this is a contiguous row
+// of the channel plane), so each pass over C streams C short rows per student and the per-pixel statistics
+// stay in small L1-resident arrays. Later passes re-read the tile from L1/L2, not from memory. Tiles whose
+// pixels are not consecutive in memory (channels_last, transposed or sliced inputs) are gathered through a
+// per-tile offset table: slower, but every stride gives the right answer. All offsets are int64.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <type_traits>
+
+namespace ccl::cpu {
+
+constexpr int64_t kTile = 128;
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// One student's logits for one sample n: element (c, h, w) is data[c * sC + h * sH + w * sW].
+template <typename scalar_t>
+struct PlaneView {
+  const scalar_t* data;
+  int64_t sC, sH, sW, W;
+};
+
+template <typename scalar_t>
+inline PlaneView<scalar_t> plane(const at::Tensor& z, int64_t n) {
+  return {z.const_data_ptr<scalar_t>() + n * z.stride(0), z.stride(1), z.stride(2), z.stride(3), z.size(3)};
+}
+
+template <typename scalar_t>
+struct Tile {
+  const scalar_t* origin;  // the tile's first pixel at channel 0
+  int64_t sC;
+  int64_t len;
+  const int64_t* offsets;  // offset of pixel i from origin, or nullptr when pixels are consecutive
+};
+
+// Pixel p0 .. p0 + len - 1 of a plane; `offsets` is caller-owned scratch of kTile entries.
+template <typename scalar_t>
+inline Tile<scalar_t> make_tile(const PlaneView<scalar_t>& v, int64_t p0, int64_t len, int64_t* offsets) {
+  const int64_t h0 = p0 / v.W, w0 = p0 % v.W;
+  const scalar_t* origin = v.data + h0 * v.sH + w0 * v.sW;
+  if (v.sW == 1 && (w0 + len <= v.W || v.sH == v.W)) return {origin, v.sC, len, nullptr};
+  for (int64_t i = 0, h = h0, w = w0; i < len; ++i) {
+    offsets[i] = (h - h0) * v.sH + (w - w0) * v.sW;
+    if (++w == v.W) w = 0, ++h;
+  }
+  return {origin, v.sC, len, offsets};
+}
+
+// Lanes [i, i + Vec::size()) of channel c, converted to acc_t; lanes past the tile's end are zero.
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load(const Tile<scalar_t>& t, int64_t c, int64_t i) {
+  const scalar_t* row = t.origin + c * t.sC;
+  const int64_t count = std::min<int64_t>(Vec<acc_t>::size(), t.len - i);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (t.offsets == nullptr) return Vec<acc_t>::loadu(row + i, count);
+  }
+  alignas(64) acc_t buf[Vec<acc_t>::size()] = {};
+  if (t.offsets == nullptr) {
+    for (int64_t k = 0; k < count; ++k) buf[k] = static_cast<acc_t>(row[i + k]);
+  } else {
+    for (int64_t k = 0; k < count; ++k) buf[k] = static_cast<acc_t>(row[t.offsets[i + k]]);
+  }
+  return Vec<acc_t>::loadu(buf);
+}
+
+template <typename acc_t, typename scalar_t>
+inline acc_t load_one(const Tile<scalar_t>& t, int64_t c, int64_t i) {
+  return static_cast<acc_t>(t.origin[c * t.sC + (t.offsets ? t.offsets[i] : i)]);
+}
+
+// Store lanes [0, count) of v to dst (consecutive), converting to scalar_t.
+template <typename scalar_t, typename acc_t>
+inline void store(scalar_t* dst, const Vec<acc_t>& v, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(dst, count);
+  } else {
+    alignas(64) acc_t buf[Vec<acc_t>::size()];
+    v.store(buf);
+    for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<scalar_t>(buf[k]);
+  }
+}
+
+// Labels of a tile: label[i] = y or -1 where ignored. An out-of-range label is recorded in `bad` (first one
+// wins) and treated as ignored so that the kernel never reads out of bounds; the caller raises afterwards.
+struct LabelReader {
+  const int64_t* data;  // at sample n
+  int64_t sH, sW, W, C, ignore_index;
+  std::atomic<int64_t>* bad;
+
+  static constexpr int64_t kNoBadLabel = std::numeric_limits<int64_t>::min();
+
+  template <typename acc_t>
+  int64_t read(int64_t p0, int64_t len, int64_t* label, acc_t* label_f) const {
+    int64_t valid = 0;
+    for (int64_t i = 0, h = p0 / W, w = p0 % W; i < len; ++i) {
+      int64_t v = data[h * sH + w * sW];
+      if (v != ignore_index && (v < 0 || v >= C)) {
+        int64_t expected = kNoBadLabel;
+        bad->compare_exchange_strong(expected, v);
+        v = ignore_index;
+      }
+      label[i] = v == ignore_index ? -1 : v;
+      label_f[i] = static_cast<acc_t>(label[i]);
+      valid += label[i] >= 0;
+      if (++w == W) w = 0, ++h;
+    }
+    for (int64_t i = len; i < kTile; ++i) label[i] = -1, label_f[i] = acc_t(-1);
+    return valid;
+  }
+};
+
+inline LabelReader label_reader(const at::Tensor& y, int64_t n, int64_t C, int64_t ignore_index,
+                                std::atomic<int64_t>* bad) {
+  return {y.const_data_ptr<int64_t>() + n * y.stride(0), y.stride(1), y.stride(2), y.size(2), C, ignore_index, bad};
+}
+
+inline void raise_if_bad_label(const std::atomic<int64_t>& bad, int64_t C, int64_t ignore_index) {
+  const int64_t value = bad.load();
+  TORCH_CHECK(value == LabelReader::kNoBadLabel, "y contains label value ", value, ", which is neither in [0, ", C,
+              ") nor ignore_index=", ignore_index);
+}
+
+// Softmax statistics of one student over a tile. With m = max_c z:
+//   log_sum_t = log sum_c exp((z_c - m) / T)   -> log p_c at T = (z_c - m) / T - log_sum_t
+//   sum_1 = sum_c exp(z_c - m)         -> cross-entropy at T = 1 (only when asked and T != 1)
+template <typename acc_t>
+struct SoftmaxStats {
+  alignas(64) acc_t max[kTile];
+  alignas(64) acc_t argmax[kTile];  // lowest index among equal maxima, as torch.argmax
+  alignas(64) acc_t log_sum_t[kTile];
+  alignas(64) acc_t sum_1[kTile];
+};
+
+template <typename acc_t, typename scalar_t>
+inline void max_argmax(const Tile<scalar_t>& t, int64_t C, SoftmaxStats<acc_t>& s) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  for (int64_t i = 0; i < t.len; i += V) {
+    Vec<acc_t>(-std::numeric_limits<acc_t>::infinity()).store(s.max + i);
+    Vec<acc_t>(0).store(s.argmax + i);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec<acc_t> index(static_cast<acc_t>(c));
+    for (int64_t i = 0; i < t.len; i += V) {
+      const auto z = load<acc_t>(t, c, i);
+      const auto m = Vec<acc_t>::loadu(s.max + i);
+      Vec<acc_t>::blendv(Vec<acc_t>::loadu(s.argmax + i), index, z > m).store(s.argmax + i);
+      at::vec::maximum(m, z).store(s.max + i);  // propagates NaN
+    }
+  }
+}
+
+// Needs s.max. `active[g]` (per vector group) lets callers skip groups nobody needs; nullptr = all.
+template <typename acc_t, typename scalar_t>
+inline void sum_exp(const Tile<scalar_t>& t, int64_t C, acc_t inv_t, bool with_sum_1, const bool* active,
+                    SoftmaxStats<acc_t>& s) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  const bool unit_t = inv_t == acc_t(1);
+  for (int64_t i = 0; i < t.len; i += V) {
+    Vec<acc_t>(0).store(s.log_sum_t + i);
+    Vec<acc_t>(0).store(s.sum_1 + i);
+  }
+  const Vec<acc_t> scale(inv_t);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < t.len; i += V) {
+      if (active && !active[i / V]) continue;
+      const auto d = load<acc_t>(t, c, i) - Vec<acc_t>::loadu(s.max + i);
+      (Vec<acc_t>::loadu(s.log_sum_t + i) + (unit_t ? d : d * scale).exp()).store(s.log_sum_t + i);
+      if (with_sum_1 && !unit_t) (Vec<acc_t>::loadu(s.sum_1 + i) + d.exp()).store(s.sum_1 + i);
+    }
+  }
+  if (unit_t && with_sum_1) std::copy(s.log_sum_t, s.log_sum_t + kTile, s.sum_1);
+  for (int64_t i = 0; i < t.len; i += V) Vec<acc_t>::loadu(s.log_sum_t + i).log().store(s.log_sum_t + i);
+}
+
+// Cross-entropy at T = 1 of pixel i with label `label` (needs max and sum_1).
+template <typename acc_t, typename scalar_t>
+inline acc_t cross_entropy(const Tile<scalar_t>& t, const SoftmaxStats<acc_t>& s, int64_t i, int64_t label) {
+  return std::log(s.sum_1[i]) - (load_one<acc_t>(t, label, i) - s.max[i]);
+}
+
+// Number of tiles covering `pixels` pixels of one sample.
+inline int64_t tiles_per_plane(int64_t pixels) { return (pixels + kTile - 1) / kTile; }
+
+}  // namespace ccl::cpu

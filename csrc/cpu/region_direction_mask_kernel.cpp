@@ -1,0 +1,106 @@
+// CPU kernel of region_direction_mask (METHOD.md §2).
+//
+// One task per (sample, row of regions): it walks the rh pixel rows of its regions in tiles along W, computes
+// each pixel's score for both students (cross-entropy at T = 1 from one max pass and one exp pass, or argmax
+// == label from the max pass alone) and adds it to its region's sums. Each region is summed by one task in a
+// fixed order, so the result is deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../ops/checks.h"
+#include "pixel_tile.h"
+
+namespace ccl::cpu {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y, int64_t rh, int64_t rw,
+                   Score score, int64_t ignore_index, at::Tensor& direction, at::Tensor& scores,
+                   std::atomic<int64_t>& bad) {
+  const int64_t N = za.size(0), C = za.size(1), H = za.size(2), W = za.size(3);
+  const int64_t Hr = direction.size(1), Wr = direction.size(2);
+  int8_t* dir_out = direction.data_ptr<int8_t>();
+  float* score_out = scores.data_ptr<float>();
+
+  at::parallel_for(0, N * Hr, 1, [&](int64_t begin, int64_t end) {
+    SoftmaxStats<acc_t> sa, sb;
+    alignas(64) int64_t label[kTile];
+    alignas(64) acc_t label_f[kTile];
+    int64_t offs_a[kTile], offs_b[kTile];
+    std::vector<acc_t> sum_a(Wr), sum_b(Wr);
+    std::vector<int64_t> count(Wr);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t n = job / Hr, r = job % Hr;
+      std::fill(sum_a.begin(), sum_a.end(), acc_t(0));
+      std::fill(sum_b.begin(), sum_b.end(), acc_t(0));
+      std::fill(count.begin(), count.end(), int64_t(0));
+      const auto labels = label_reader(y, n, C, ignore_index, &bad);
+      for (int64_t h = r * rh; h < std::min(H, (r + 1) * rh); ++h) {
+        for (int64_t w0 = 0; w0 < W; w0 += kTile) {
+          const int64_t p0 = h * W + w0, len = std::min(kTile, W - w0);
+          if (labels.read(p0, len, label, label_f) == 0) continue;
+          const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, offs_a);
+          const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, offs_b);
+          max_argmax<acc_t>(ta, C, sa);
+          max_argmax<acc_t>(tb, C, sb);
+          if (score == Score::kCrossEntropy) {
+            sum_exp<acc_t>(ta, C, acc_t(1), true, nullptr, sa);
+            sum_exp<acc_t>(tb, C, acc_t(1), true, nullptr, sb);
+          }
+          for (int64_t i = 0; i < len; ++i) {
+            if (label[i] < 0) continue;
+            const int64_t region = (w0 + i) / rw;
+            if (score == Score::kCrossEntropy) {
+              sum_a[region] += cross_entropy(ta, sa, i, label[i]);
+              sum_b[region] += cross_entropy(tb, sb, i, label[i]);
+            } else {
+              sum_a[region] += sa.argmax[i] == label_f[i];
+              sum_b[region] += sb.argmax[i] == label_f[i];
+            }
+            count[region] += 1;
+          }
+        }
+      }
+      for (int64_t q = 0; q < Wr; ++q) {
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        const float a = count[q] ? static_cast<float>(sum_a[q] / count[q]) : nan;
+        const float b = count[q] ? static_cast<float>(sum_b[q] / count[q]) : nan;
+        const bool a_better = score == Score::kCrossEntropy ? a < b : a > b;  // false for NaN
+        const bool b_better = score == Score::kCrossEntropy ? b < a : b > a;
+        dir_out[(n * Hr + r) * Wr + q] = static_cast<int8_t>(a_better) - static_cast<int8_t>(b_better);
+        score_out[((n * 2 + 0) * Hr + r) * Wr + q] = a;
+        score_out[((n * 2 + 1) * Hr + r) * Wr + q] = b;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> region_direction_mask_cpu(const at::Tensor& za, const at::Tensor& zb,
+                                                             const at::Tensor& y, int64_t region_h, int64_t region_w,
+                                                             c10::string_view score_name, int64_t ignore_index) {
+  check_logits_and_labels(za, zb, y);
+  TORCH_CHECK(region_h >= 1 && region_w >= 1, "region sizes must be >= 1, got (", region_h, ", ", region_w, ")");
+  const Score score = parse_score(std::string(score_name));
+  const int64_t N = za.size(0), C = za.size(1), H = za.size(2), W = za.size(3);
+  const int64_t Hr = (H + region_h - 1) / region_h, Wr = (W + region_w - 1) / region_w;
+  auto direction = at::empty({N, Hr, Wr}, za.options().dtype(at::kChar));
+  auto scores = at::empty({N, 2, Hr, Wr}, za.options().dtype(at::kFloat));
+  std::atomic<int64_t> bad{LabelReader::kNoBadLabel};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "region_direction_mask_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    region_scores<scalar_t, acc_t>(za, zb, y, region_h, region_w, score, ignore_index, direction, scores, bad);
+  });
+  raise_if_bad_label(bad, C, ignore_index);
+  return {direction, scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ccl, CPU, m) { m.impl("region_direction_mask", &region_direction_mask_cpu); }
+
+}  // namespace ccl::cpu
