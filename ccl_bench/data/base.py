@@ -22,7 +22,7 @@ def read_image(path: str) -> np.ndarray:
     """RGB uint8 (H, W, 3); an unreadable file is an OSError naming it."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except Exception as exc:
         raise OSError(f"cannot read image {path!r}: {exc}") from exc
 
