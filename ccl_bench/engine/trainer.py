@@ -1,0 +1,562 @@
+"""The co-training loop shared by every method (same data order, seeds, schedule and budget for all).
+
+Per step: both students see the batch (``method.views``), the method turns their logits and encoder features
+into named loss terms, their sum is back-propagated, each student steps its own optimizer (which also holds
+the method's parameters that belong to it). Evaluation covers both students and their ensemble.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .. import config as config_mod
+from ..data import build_dataset
+from ..methods import StudentOutput, build_method
+from ..metrics import StudentMetrics
+from ..models import build_student
+from . import distributed
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .logging import CSVLog, Messages, TensorBoard
+from .optim import build_optimizer, build_scheduler
+
+STUDENTS = ("cnn", "vit")  # student A, student B
+# keys that may change when a run is resumed (everything else must match the run's saved config)
+RESUMABLE_CHANGES = {"train.iters", "train.eval_interval", "train.checkpoint_interval", "train.log_interval",
+                     "train.progress", "train.tensorboard", "data.num_workers", "train.overlays"}
+RUN_FILES = ("config.yaml", "metrics.json", "steps.csv", "evals.csv", "train.log", "overlays.npz",
+             "checkpoints", "tensorboard")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (it holds a run and neither --resume nor --overwrite)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the run stopped without taking that step."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM: a checkpoint was saved and the run stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset item ``index`` in ``epoch`` (independent of ranks and workers)."""
+    return (((seed * 1_000_003) + epoch) * 1_000_003 + index) % (2 ** 63)
+
+
+class SeededItems(Dataset):
+    """``dataset[(index, seed)]``: the item drawn with the global torch generator seeded by ``seed`` (the
+    caller's generator state is restored), so augmentations do not depend on workers or on resuming."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class HoldoutSlice:
+    """Batches of the held-out training slice for a method's per-epoch estimate (students in eval mode)."""
+
+    def __init__(self, trainer: "Trainer", indices: list[int]):
+        self.trainer, self.indices = trainer, indices
+
+    def __iter__(self):
+        t = self.trainer
+        mine = self.indices[t.dist.rank::t.dist.world_size]
+        keys = [(i, item_seed(t.seed, -1, i)) for i in mine]
+        loader = DataLoader(SeededItems(t.train_set), batch_size=t.config["data"]["eval_batch_size"],
+                            sampler=keys, num_workers=t.config["data"]["num_workers"])
+        modes = [m.training for m in t.students]
+        for m in t.students:
+            m.eval()
+        try:
+            for x, y in loader:
+                with t.autocast():
+                    yield x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+        finally:
+            for m, mode in zip(t.students, modes):
+                m.train(mode)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce_sum(tensor, self.trainer.dist)
+
+
+def _to_label_size(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if z.shape[-2:] == y.shape[-2:]:
+        return z
+    return F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value and not prefix.startswith("methods"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def prepare_run_dir(run_dir: str, config: dict, resume: bool, overwrite: bool) -> tuple[dict, str | None]:
+    """Check ``run_dir`` against the request; return the config to use and the checkpoint to resume from."""
+    saved_config = os.path.join(run_dir, "config.yaml")
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    holds_run = os.path.isdir(run_dir) and any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES)
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other")
+    if resume:
+        if not os.path.isfile(saved_config):
+            raise RunDirError(f"--resume: {run_dir!r} holds no run (no config.yaml); start it without --resume")
+        saved = config_mod.validate(config_mod.load_file(saved_config))
+        ours, theirs = _flat(config), _flat(saved)
+        changed = sorted(k for k in set(ours) | set(theirs)
+                         if ours.get(k) != theirs.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            details = "; ".join(f"{k}: run has {theirs.get(k)!r}, asked {ours.get(k)!r}" for k in changed[:6])
+            raise RunDirError(f"--resume {run_dir!r}: the config differs from the run's in keys that cannot change "
+                              f"on resume ({details}); only {sorted(RESUMABLE_CHANGES)} may")
+        for key in RESUMABLE_CHANGES:
+            section, name = key.split(".")
+            saved[section][name] = config[section][name]
+        return saved, (last if os.path.isfile(last) else None)
+    if holds_run:
+        if not overwrite:
+            raise RunDirError(f"--out {run_dir!r} already holds a run; pass --resume to continue it, --overwrite "
+                              "to replace it, or choose another --out")
+    return config, None
+
+
+class Trainer:
+    """Builds the students, the method, data, optimizers from a resolved config; :meth:`fit` trains."""
+
+    def __init__(self, config: dict, run_dir: str | None, dist: distributed.DistInfo | None = None,
+                 resume_from: str | None = None, quiet: bool = False):
+        self.config = config
+        self.run_dir = run_dir
+        self.dist = dist or distributed.DistInfo()
+        self.device = self.dist.device
+        self.seed = int(config["seed"])
+        self.label = config.get("label") or config["method"]
+        main = self.dist.is_main and run_dir is not None
+        self.say = Messages(os.path.join(run_dir, "train.log") if main else None, enabled=self.dist.is_main and not quiet)
+        train_cfg = config["train"]
+        if train_cfg["deterministic"]:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        amp = train_cfg["amp"] if self.device.type == "cuda" else "off"
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self._build_data()
+        self._build_models()
+        self.step = 0
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        if resume_from:
+            self._load(resume_from)
+        self._stop_signal: int | None = None
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        d = self.config["data"]
+        common = dict(d["options"])
+        self.train_set = build_dataset(d["dataset"], d["train_split"], d["root"], **{**common, **d["train_options"]})
+        self.val_set = build_dataset(d["dataset"], d["val_split"], d["root"], **{**common, **d["val_options"]})
+        self.num_classes = self.train_set.num_classes
+        self.ignore_index = self.train_set.ignore_index
+        self.class_names = list(getattr(self.train_set, "class_names", []))
+
+    def _build_models(self) -> None:
+        cfg = self.config
+        students = []
+        for offset, key in enumerate(STUDENTS):  # the same init for a seed, whatever the method
+            torch.manual_seed(self.seed * 1000 + offset)
+            s = cfg["students"][key]
+            students.append(build_student(s["name"], self.num_classes, **s["options"]))
+        if self.dist.enabled and cfg["train"]["sync_bn"]:
+            students = [torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in students]
+        self.students = [m.to(self.device).train() for m in students]
+        torch.manual_seed(self.seed * 1000 + 2)
+        self.method = build_method(cfg["method"], tuple(self.students), self.num_classes, self.ignore_index,
+                                   **config_mod.method_options(cfg)).to(self.device).train()
+        self.optimizers, self.schedulers = [], []
+        total = cfg["train"]["iters"]
+        for model, key, which in zip(self.students, STUDENTS, "ab"):
+            params = list(model.parameters()) + self.method.student_parameters(which)
+            opt = build_optimizer(params, cfg["optim"][key])
+            self.optimizers.append(opt)
+            self.schedulers.append(build_scheduler(opt, cfg["optim"][key], total))
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.nets = [DistributedDataParallel(m, device_ids=ids) for m in self.students]
+        else:
+            self.nets = list(self.students)
+        torch.manual_seed(self.seed * 1000 + 3 + self.dist.rank)  # dropout, drop-path, invariant views
+        # training indices (minus a method's held-out slice) and the data order
+        n = len(self.train_set)
+        fraction = getattr(self.method, "holdout_fraction", 0.0)
+        if fraction > 0:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+            k = max(1, round(n * fraction))
+            self.holdout = HoldoutSlice(self, sorted(perm[:k]))
+            self.train_indices = sorted(perm[k:])
+        else:
+            self.holdout, self.train_indices = None, list(range(n))
+        self.sampler = DistributedSampler(self.train_indices, num_replicas=self.dist.world_size,
+                                          rank=self.dist.rank, shuffle=True, seed=self.seed, drop_last=True)
+        bs = cfg["data"]["batch_size"]
+        self.steps_per_epoch = len(self.sampler) // bs
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"data.batch_size={bs}: the training set gives {len(self.sampler)} items per process "
+                             f"({len(self.train_indices)} in all, {self.dist.world_size} processes); expected at "
+                             "least one full batch")
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def epoch_loader(self, epoch: int, offset: int) -> DataLoader:
+        """Batches ``offset..`` of ``epoch`` for this rank (the same for every method and after a resume)."""
+        self.sampler.set_epoch(epoch)
+        positions = list(self.sampler)
+        bs = self.config["data"]["batch_size"]
+        batches = []
+        for b in range(offset, self.steps_per_epoch):
+            items = [self.train_indices[p] for p in positions[b * bs:(b + 1) * bs]]
+            batches.append([(i, item_seed(self.seed, epoch, i)) for i in items])
+        return DataLoader(SeededItems(self.train_set), batch_sampler=batches,
+                          num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda")
+
+    def batches(self):
+        """Endless ``(x, y)`` from the current step on; calls the method's epoch hook at each epoch start."""
+        step = self.step
+        while True:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            if offset == 0:
+                self.method.on_epoch_start(epoch, self.holdout)
+            for x, y in self.epoch_loader(epoch, offset):
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                step += 1
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def forward_losses(self, x: torch.Tensor, y: torch.Tensor):
+        xa, xb = self.method.views(x)
+        with self.autocast():
+            za, fa = self.nets[0](xa, return_features=True)
+            zb, fb = self.nets[1](xb, return_features=True)
+            out = self.method(StudentOutput(_to_label_size(za, y), fa), StudentOutput(_to_label_size(zb, y), fb), y)
+        total = sum(v.float() for v in out.terms.values())
+        return total, out
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor):
+        total, out = self.forward_losses(x, y)
+        if not torch.isfinite(total):
+            bad = [f"{k}={v.item():.4g}" for k, v in out.terms.items() if not torch.isfinite(v)]
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} of {self.label} (seed {self.seed}): "
+                f"{', '.join(bad) or 'the sum of the terms'} (all terms: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in out.terms.items()) + "); the step was not taken")
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        distributed.average_gradients(self.method.parameters(), self.dist)
+        clip = self.config["optim"]["grad_clip"]
+        for opt in self.optimizers:
+            if clip > 0:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+            self.scaler.step(opt)
+        self.scaler.update()
+        for sched in self.schedulers:
+            sched.step()
+        self.step += 1
+        return total, out
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, overlays: int = 0) -> dict:
+        d = self.config["data"]
+        n = len(self.val_set) if d["val_limit"] is None else min(d["val_limit"], len(self.val_set))
+        mine = list(range(n))[self.dist.rank::self.dist.world_size]
+        loader = DataLoader(self.val_set, batch_size=d["eval_batch_size"], sampler=mine,
+                            num_workers=d["num_workers"], pin_memory=self.device.type == "cuda")
+        meters = StudentMetrics(self.num_classes, self.ignore_index, self.device)
+        for m in self.students:
+            m.eval()
+        kept: list[tuple] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(loader, desc=f"eval {self.label}", leave=False, unit="batch",
+                   disable=not (self.dist.is_main and self.config["train"]["progress"]))
+        for x, y in bar:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                za = _to_label_size(self.students[0](x), y).float()
+                zb = _to_label_size(self.students[1](x), y).float()
+            meters.update(za, zb, y)
+            if self.dist.is_main and sum(len(k[0]) for k in kept) < overlays:
+                kept.append((x.cpu(), y.cpu(), za.cpu(), zb.cpu()))
+        for m in self.students:
+            m.train()
+        result = meters.compute()
+        if kept and self.run_dir:
+            self._save_overlays(kept, overlays)
+        return result
+
+    def _save_overlays(self, kept, count: int) -> None:
+        """Validation images with both predictions and who-teaches-where maps (pixels and regions)."""
+        import ccl_ops
+        from ccl_ops.reference import selection_masks
+
+        x, y, za, zb = (torch.cat(parts)[:count] for parts in zip(*kept))
+        options = config_mod.method_options(self.config)
+        rule = options.get("rule", "correct")
+        rule = "correct" if rule == "all" else rule
+        region = tuple(options.get("region", (16, 16)))
+        m_ab, m_ba, _ = selection_masks(za, zb, y, rule, self.ignore_index)
+        regions = ccl_ops.region_direction_mask(za, zb, y, region=region, ignore_index=self.ignore_index).direction
+        transform = getattr(self.val_set, "transform", None)
+        mean = torch.tensor(getattr(transform, "mean", None) or (0.0, 0.0, 0.0))[:, None, None]
+        std = torch.tensor(getattr(transform, "std", None) or (1.0, 1.0, 1.0))[:, None, None]
+        images = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        np.savez_compressed(
+            os.path.join(self.run_dir, "overlays.npz"), images=images.numpy(), labels=y.numpy(),
+            pred_cnn=za.argmax(1).numpy(), pred_vit=zb.argmax(1).numpy(),
+            pixel_direction=(m_ab.to(torch.int8) - m_ba.to(torch.int8)).numpy(), region_direction=regions.numpy(),
+            region=np.array(region), rule=np.array(rule), step=np.array(self.step),
+            ignore_index=np.array(self.ignore_index))
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.run_dir, "checkpoints", "last.pt")
+
+    def save(self) -> None:
+        rng = rng_state()
+        if self.dist.enabled:
+            states = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        if not self.dist.is_main or self.run_dir is None:
+            return
+        save_checkpoint(self.checkpoint_path, {
+            "step": self.step,
+            "label": self.label,
+            "config": self.config,
+            "students": {k: m.state_dict() for k, m in zip(STUDENTS, self.students)},
+            "method": self.method.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in zip(STUDENTS, self.optimizers)},
+            "schedulers": {k: s.state_dict() for k, s in zip(STUDENTS, self.schedulers)},
+            "scaler": self.scaler.state_dict(),
+            "rng": {str(r): s for r, s in enumerate(states)},
+            "history": self.history,
+            "elapsed": self.elapsed,
+        })
+
+    def _load(self, path: str) -> None:
+        from .checkpoint import CheckpointError
+
+        state = load_checkpoint(path, map_location=self.device)
+        try:
+            for key, model in zip(STUDENTS, self.students):
+                model.load_state_dict(state["students"][key])
+            self.method.load_state_dict(state["method"])
+            for key, opt, sched in zip(STUDENTS, self.optimizers, self.schedulers):
+                opt.load_state_dict(state["optimizers"][key])
+                sched.load_state_dict(state["schedulers"][key])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path!r} does not fit this run's students/method/optimizers: "
+                                  f"{str(exc).splitlines()[0]}") from exc
+        for sched in self.schedulers:  # the schedule's length follows the (possibly extended) budget
+            sched.lr_lambdas[0].total = self.config["train"]["iters"]
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"].get(str(self.dist.rank), state["rng"]["0"])
+        set_rng_state(rng)
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.elapsed = float(state.get("elapsed", 0.0))
+
+    # -- signals ------------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.config["train"]
+        iters = cfg["iters"]
+        main = self.dist.is_main and self.run_dir is not None
+        steps_log = CSVLog(os.path.join(self.run_dir, "steps.csv")) if main else None
+        evals_log = CSVLog(os.path.join(self.run_dir, "evals.csv")) if main else None
+        if main:
+            steps_log.truncate(self.step)
+            evals_log.truncate(self.step)
+        board = TensorBoard(os.path.join(self.run_dir, "tensorboard"), cfg["tensorboard"] and main) \
+            if self.run_dir else TensorBoard("", False)
+        previous = self._install_signals()
+        bar = tqdm(total=iters, initial=self.step, desc=f"train {self.label} s{self.seed}", unit="it",
+                   disable=not (self.dist.is_main and cfg["progress"]), dynamic_ncols=True)
+        self.say(f"{self.label} seed {self.seed}: steps {self.step}->{iters}, {len(self.train_indices)} training "
+                 f"images, {self.steps_per_epoch} steps/epoch, device {self.device}"
+                 + (f" x{self.dist.world_size}" if self.dist.enabled else "")
+                 + (f", amp {self.amp_dtype}" if self.amp_dtype else ""))
+        metrics = self._metrics_dict(None)
+        try:
+            batches = self.batches()
+            tick = time.perf_counter()
+            while self.step < iters:
+                x, y = next(batches)
+                total, out = self.train_step(x, y)
+                bar.update(1)
+                last = self.step == iters
+                if self.step % cfg["log_interval"] == 0 or last:
+                    row = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                           "loss": total.item(), **{k: v.item() for k, v in out.terms.items()},
+                           **{k: float(v) for k, v in out.stats.items()},
+                           "lr_cnn": self.schedulers[0].get_last_lr()[0],
+                           "lr_vit": self.schedulers[1].get_last_lr()[0]}
+                    bar.set_postfix(loss=f"{row['loss']:.3f}")
+                    if main:
+                        steps_log.write(row)
+                    board.scalars("train", row, self.step)
+                if self.step % cfg["eval_interval"] == 0 or last:
+                    self.elapsed += time.perf_counter() - tick
+                    result = self.evaluate(overlays=cfg["overlays"] if last else 0)
+                    row = {"step": self.step, **{f"miou_{k}": result[m]["miou"] for k, m in
+                                                 (("cnn", "a"), ("vit", "b"), ("ensemble", "ensemble"))},
+                           **{f"acc_{k}": result[m]["pixel_acc"] for k, m in
+                              (("cnn", "a"), ("vit", "b"), ("ensemble", "ensemble"))}}
+                    self.history.append(row)
+                    metrics = self._metrics_dict(result)
+                    if main:
+                        evals_log.write(row)
+                        self._write_metrics(metrics)
+                    board.scalars("val", row, self.step)
+                    bar.write(f"[{self.label} s{self.seed}] step {self.step}: mIoU cnn {row['miou_cnn']:.4f} "
+                              f"vit {row['miou_vit']:.4f} ensemble {row['miou_ensemble']:.4f}") \
+                        if self.dist.is_main and cfg["progress"] else None
+                    tick = time.perf_counter()
+                if self.step % cfg["checkpoint_interval"] == 0 or last:
+                    self.save()
+                if distributed.any_rank(self._stop_signal is not None, self.dist):
+                    self.elapsed += time.perf_counter() - tick
+                    self.save()
+                    signum = self._stop_signal or signal.SIGTERM
+                    where = f"; checkpoint {self.checkpoint_path}" if self.run_dir else ""
+                    raise TrainingInterrupted(
+                        f"{signal.Signals(signum).name} at step {self.step}/{iters}{where}; continue with --resume",
+                        int(signum))
+        except NonFiniteLossError as exc:
+            keep = (f"the last good checkpoint is {self.checkpoint_path}" if self.run_dir and
+                    os.path.isfile(self.checkpoint_path) else "no checkpoint was written yet")
+            raise NonFiniteLossError(f"{exc}; {keep}") from None
+        finally:
+            bar.close()
+            board.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return metrics
+
+    def _metrics_dict(self, result: dict | None) -> dict:
+        d = {"method": self.label, "method_name": self.config["method"],
+             "method_options": config_mod.method_options(self.config), "seed": self.seed, "step": self.step,
+             "iters": self.config["train"]["iters"], "complete": self.step >= self.config["train"]["iters"],
+             "preset": self.config.get("preset"), "dataset": self.config["data"]["dataset"],
+             "students": {k: self.config["students"][k]["name"] for k in STUDENTS},
+             "world_size": self.dist.world_size, "device": str(self.device), "train_seconds": self.elapsed,
+             "history": self.history}
+        if result is not None:
+            names = {"cnn": "a", "vit": "b", "ensemble": "ensemble"}
+            d["miou"] = {k: result[m]["miou"] for k, m in names.items()}
+            d["pixel_acc"] = {k: result[m]["pixel_acc"] for k, m in names.items()}
+            d["iou"] = {k: [None if math.isnan(v) else v for v in result[m]["iou"].tolist()]
+                        for k, m in names.items()}
+            d["class_names"] = self.class_names
+        return d
+
+    def _write_metrics(self, metrics: dict) -> None:
+        path = os.path.join(self.run_dir, "metrics.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=2)
+        os.replace(tmp, path)
+
+    # -- timing (ccl-bench overhead) --------------------------------------------------------------------------
+    def time_steps(self, steps: int, warmup: int = 3) -> float:
+        """Seconds per training step on one fixed batch (data loading excluded)."""
+        x, y = next(iter(self.epoch_loader(0, 0)))
+        x, y = x.to(self.device), y.to(self.device)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        for _ in range(warmup):
+            self.train_step(x, y)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.train_step(x, y)
+        sync()
+        return (time.perf_counter() - start) / steps
+
+
+def run_training(config: dict, run_dir: str, resume: bool = False, overwrite: bool = False,
+                 quiet: bool = False) -> dict:
+    """Train one run into ``run_dir`` (rank 0 writes it); returns its metrics. Works under ``torchrun``."""
+    info = distributed.setup(config["train"]["device"])
+    try:
+        config, checkpoint = prepare_run_dir(run_dir, config, resume, overwrite)
+        distributed.barrier(info)
+        if info.is_main:
+            if overwrite:
+                for name in RUN_FILES:
+                    path = os.path.join(run_dir, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                f.write(config_mod.dump(config))
+        distributed.barrier(info)
+        trainer = Trainer(config, run_dir, info, resume_from=checkpoint, quiet=quiet)
+        if checkpoint and info.is_main:
+            trainer.say(f"resuming {run_dir} from step {trainer.step}")
+        if resume and trainer.step >= config["train"]["iters"]:
+            trainer.say(f"{run_dir} is complete ({trainer.step} steps); nothing to do")
+            with open(os.path.join(run_dir, "metrics.json")) as f:
+                return json.load(f)
+        return trainer.fit()
+    finally:
+        distributed.teardown(info)

@@ -1,0 +1,125 @@
+"""What every co-training method is: a small ``nn.Module`` that turns both students' outputs into named losses.
+
+The engine runs both students, hands the method their logits (already at the label resolution) and encoder
+features, sums the loss terms the method returns and logs each of them. A method owns its learnable helpers
+(HFD adapters, region-BSD projections) and says which student's optimizer each parameter belongs to.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StudentOutput(NamedTuple):
+    logits: torch.Tensor  # (N, C, H, W) at the label resolution
+    features: Sequence[torch.Tensor] = ()  # encoder stage outputs [f1, f2, f3, f4] (METHOD.md stage 1 = index 0)
+
+
+@dataclass
+class MethodOutput:
+    terms: dict[str, torch.Tensor]  # weighted loss terms; the engine's loss is their sum
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached diagnostics (teaching shares)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``defaults`` (their options) and implement :meth:`losses`.
+
+    ``students`` are kept as plain references (not sub-modules), so the method's state dict holds only its own
+    parameters and buffers.
+    """
+
+    name: ClassVar[str] = "method"
+    description: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    # option -> allowed values, for the option checks (an option not listed here is checked by type)
+    choices: ClassVar[dict[str, Sequence[Any]]] = {}
+    # number of training images held out of training (KDCL-General); the engine removes them from the sampler
+    holdout_fraction: float = 0.0
+
+    def __init__(self, students: tuple[nn.Module, nn.Module], num_classes: int, ignore_index: int = 255,
+                 **options):
+        super().__init__()
+        self.options = resolve_options(type(self), options)
+        self._students = tuple(students)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+
+    # -- what the engine calls -------------------------------------------------------------------------------
+    def forward(self, out_a: StudentOutput, out_b: StudentOutput, y: torch.Tensor) -> MethodOutput:
+        return self.losses(out_a, out_b, y)
+
+    def losses(self, out_a: StudentOutput, out_b: StudentOutput, y: torch.Tensor) -> MethodOutput:
+        raise NotImplementedError
+
+    def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images student A and student B see (the same by default)."""
+        return x, x
+
+    def student_parameters(self, which: str) -> list[nn.Parameter]:
+        """This method's parameters that the optimizer of student ``which`` ("a" or "b") updates."""
+        return []
+
+    def on_epoch_start(self, epoch: int, holdout: Any | None) -> None:
+        """Hook before each training epoch. ``holdout`` (when ``holdout_fraction > 0``) iterates ``(x, y)``
+        batches of the held-out slice on the training device, students in eval mode, and ``holdout.sum(t)``
+        sums a CPU tensor over the ranks."""
+
+    # -- shared pieces ----------------------------------------------------------------------------------------
+    def ce_terms(self, out_a: StudentOutput, out_b: StudentOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"ce_a": F.cross_entropy(out_a.logits, y, ignore_index=self.ignore_index),
+                "ce_b": F.cross_entropy(out_b.logits, y, ignore_index=self.ignore_index)}
+
+    def valid_count(self, y: torch.Tensor) -> torch.Tensor:
+        return (y != self.ignore_index).sum().clamp(min=1)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple)) and len(value) == len(default) and all(
+            _type_ok(d, v) for d, v in zip(default, value))
+    if default is None:
+        return True
+    return isinstance(value, type(default))
+
+
+def resolve_options(cls: type[Method], options: dict[str, Any]) -> dict[str, Any]:
+    """``cls.defaults`` updated by ``options``; an unknown option, a wrong type or a value outside ``cls.choices``
+    is a ValueError naming the option, the value and what is expected."""
+    unknown = sorted(set(options) - set(cls.defaults))
+    if unknown:
+        raise ValueError(f"method {cls.name!r}: unknown option(s) {unknown}; valid options: "
+                         f"{sorted(cls.defaults) or 'none'}")
+    resolved = dict(cls.defaults)
+    for key, value in options.items():
+        default = cls.defaults[key]
+        if key in cls.choices and value not in cls.choices[key]:
+            raise ValueError(f"method {cls.name!r}: {key}={value!r}; expected one of {list(cls.choices[key])}")
+        if not _type_ok(default, value):
+            raise ValueError(f"method {cls.name!r}: {key}={value!r}; expected a {type(default).__name__} "
+                             f"like the default {default!r}")
+        resolved[key] = float(value) if isinstance(default, float) else value
+    for key, value in resolved.items():
+        if (key.startswith(("lambda", "weight")) or key == "holdout") and isinstance(value, float) and value < 0:
+            raise ValueError(f"method {cls.name!r}: {key}={value!r}; expected a number >= 0")
+        if key == "temperature" and not value > 0:
+            raise ValueError(f"method {cls.name!r}: temperature={value!r}; expected a number > 0")
+    return resolved
+
+
+def share(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``count / total`` as a detached float (a teaching share for the logs)."""
+    return (count.detach().float() / total.detach().float().clamp(min=1))

@@ -1,0 +1,52 @@
+"""One registry of co-training methods, chosen by name (``build_method``)."""
+from __future__ import annotations
+
+from typing import Any
+
+METHODS: dict[str, type] = {}
+
+
+def register(cls):
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    # The proposed method and the baselines register themselves on import.
+    from . import ccl  # noqa: F401
+    import baselines  # noqa: F401
+
+
+def method_names() -> list[str]:
+    _load_all()
+    return sorted(METHODS)
+
+
+def method_class(name: str):
+    _load_all()
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is unknown; expected one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_method(name: str, students, num_classes: int, ignore_index: int = 255, **options: Any):
+    """Build method ``name`` for the pair ``students`` = (CNN, ViT) with its ``options`` (checked)."""
+    return method_class(name)(tuple(students), num_classes, ignore_index, **options)
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"ccl:hfd=false:lambda_pbsd=0.5"`` -> ``("ccl", {"hfd": False, "lambda_pbsd": 0.5})`` (YAML-typed values)."""
+    import yaml
+
+    name, *pairs = spec.strip().split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method spec {spec!r}: {pair!r} is not key=value; expected e.g. 'ccl:hfd=false'")
+        options[key.strip()] = yaml.safe_load(value)
+    method_class(name)
+    return name, options
