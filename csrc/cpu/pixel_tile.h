@@ -126,7 +126,7 @@ inline LabelReader label_reader(const at::Tensor& y, int64_t n, int64_t C, int64
 
 inline void raise_if_bad_label(const std::atomic<int64_t>& bad, int64_t C, int64_t ignore_index) {
   const int64_t value = bad.load();
-  TORCH_CHECK(value == LabelReader::kNoBadLabel, "y contains label value ", value, ", which is neither in [0, ", C,
+  TORCH_CHECK_VALUE(value == LabelReader::kNoBadLabel, "y contains label value ", value, ", which is neither in [0, ", C,
               ") nor ignore_index=", ignore_index);
 }
 

@@ -19,19 +19,19 @@ inline Rule parse_rule(const std::string& rule) {
   if (rule == "correct") return Rule::kCorrect;
   if (rule == "confidence") return Rule::kConfidence;
   if (rule == "all") return Rule::kAll;
-  TORCH_CHECK(false, "rule='", rule, "' is unknown; expected one of 'correct', 'confidence', 'all'");
+  TORCH_CHECK_VALUE(false, "rule='", rule, "' is unknown; expected one of 'correct', 'confidence', 'all'");
 }
 
 inline Normalize parse_normalize(const std::string& normalize) {
   if (normalize == "valid") return Normalize::kValid;
   if (normalize == "selected") return Normalize::kSelected;
-  TORCH_CHECK(false, "normalize='", normalize, "' is unknown; expected 'valid' or 'selected'");
+  TORCH_CHECK_VALUE(false, "normalize='", normalize, "' is unknown; expected 'valid' or 'selected'");
 }
 
 inline Score parse_score(const std::string& score) {
   if (score == "ce") return Score::kCrossEntropy;
   if (score == "accuracy") return Score::kAccuracy;
-  TORCH_CHECK(false, "score='", score, "' is unknown; expected 'ce' or 'accuracy'");
+  TORCH_CHECK_VALUE(false, "score='", score, "' is unknown; expected 'ce' or 'accuracy'");
 }
 
 // za, zb: (N, C, H, W) floating, same shape/dtype/device; y: int64 (N, H, W).

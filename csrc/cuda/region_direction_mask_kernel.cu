@@ -1,0 +1,125 @@
+// CUDA kernel of region_direction_mask (METHOD.md §2).
+//
+// One block per region (n, ry, rx) of rh x rw pixels (the last row/column of regions may be partial). The
+// block's threads walk the region's pixels row-major (consecutive threads on consecutive w: for contiguous
+// NCHW and rw >= 8 every load of a warp reads whole 32-byte sectors), and each thread computes per pixel, for
+// both students, the cross-entropy at T = 1 (one online log-sum-exp pass over C, each logit read once) or
+// whether argmax == label. The block then sums the scores and the number of valid pixels (fixed-order
+// reduction: deterministic, no atomics, no scratch) and thread 0 writes the two mean scores and the direction.
+// Block size: the region's pixel count rounded up to a warp, at most 256 (one pixel per thread at 16 x 16).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../ops/checks.h"
+#include "pixel_math.cuh"
+
+namespace ccl::cuda {
+namespace {
+
+// Score of one valid pixel for one student: cross-entropy (score 'ce') or 1/0 for argmax == label.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t pixel_score(const scalar_t* __restrict__ p, int64_t s_c, int C, int label,
+                                             bool accuracy) {
+  OnlineSoftmax<acc_t, false> st;
+  st.init(static_cast<acc_t>(p[0]));
+#pragma unroll 4
+  for (int c = 1; c < C; ++c) st.step(static_cast<acc_t>(p[c * s_c]), c, acc_t(1));
+  st.finish();
+  if (accuracy) return st.index == label ? acc_t(1) : acc_t(0);
+  return dlog(st.s) - (static_cast<acc_t>(p[label * s_c]) - st.m);  // -log softmax(z)[label]
+}
+
+// Grid: one block per region, x = (n * Hr + ry) * Wr + rx.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    region_direction_kernel(Logits<scalar_t> za, Logits<scalar_t> zb, Labels y, int C, int H, int W, int64_t rh,
+                            int64_t rw, int64_t Hr, int64_t Wr, bool accuracy, int64_t ignore_index,
+                            int8_t* __restrict__ direction, float* __restrict__ scores) {
+  const int64_t r = blockIdx.x;
+  const int64_t plane = Hr * Wr;
+  const int64_t n = r / plane, cell = r - n * plane, ry = cell / Wr, rx = cell - ry * Wr;
+  const int h0 = static_cast<int>(ry * rh), w0 = static_cast<int>(rx * rw);  // < H, < W
+  const int rows = static_cast<int>(rh < H - h0 ? rh : H - h0);
+  const int cols = static_cast<int>(rw < W - w0 ? rw : W - w0);
+  const int pixels = rows * cols;  // <= H * W < 2^31
+
+  acc_t sum_a = 0, sum_b = 0;
+  long long count = 0;
+  for (int k = threadIdx.x; k < pixels; k += blockDim.x) {
+    const int i = k / cols, h = h0 + i, w = w0 + (k - i * cols);
+    const int label = read_label(y, n, h, w, C, ignore_index);
+    if (label < 0) continue;
+    sum_a += pixel_score<scalar_t, acc_t>(za.pixel(n, h, w), za.sC, C, label, accuracy);
+    sum_b += pixel_score<scalar_t, acc_t>(zb.pixel(n, h, w), zb.sC, C, label, accuracy);
+    count += 1;
+  }
+  const double total_a = block_sum(static_cast<double>(sum_a));
+  const double total_b = block_sum(static_cast<double>(sum_b));
+  count = block_sum(count);
+  if (threadIdx.x == 0) {
+    int8_t d = 0;
+    float score_a, score_b;
+    if (count == 0) {
+      score_a = score_b = std::numeric_limits<float>::quiet_NaN();
+    } else {
+      // Compare in the accumulation type (as the reference does before casting the scores to float32).
+      const acc_t mean_a = static_cast<acc_t>(total_a / static_cast<double>(count));
+      const acc_t mean_b = static_cast<acc_t>(total_b / static_cast<double>(count));
+      const bool a_better = accuracy ? mean_a > mean_b : mean_a < mean_b;
+      const bool b_better = accuracy ? mean_b > mean_a : mean_b < mean_a;
+      d = static_cast<int8_t>(a_better ? 1 : (b_better ? -1 : 0));
+      score_a = static_cast<float>(mean_a);
+      score_b = static_cast<float>(mean_b);
+    }
+    direction[r] = d;
+    scores[(2 * n) * plane + cell] = score_a;
+    scores[(2 * n + 1) * plane + cell] = score_b;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> region_direction_mask_cuda(const at::Tensor& za, const at::Tensor& zb,
+                                                              const at::Tensor& y, int64_t region_h,
+                                                              int64_t region_w, c10::string_view score_name,
+                                                              int64_t ignore_index) {
+  check_logits_and_labels(za, zb, y);
+  TORCH_CHECK(za.is_cuda(), "region_direction_mask (CUDA): tensors must be on a CUDA device, got ", za.device());
+  TORCH_CHECK(region_h >= 1 && region_w >= 1, "region sizes must be >= 1, got (", region_h, ", ", region_w, ")");
+  const Score score = parse_score(std::string(score_name));
+  const int64_t N = za.size(0), C = za.size(1), H = za.size(2), W = za.size(3);
+  TORCH_CHECK(C <= std::numeric_limits<int>::max(), "region_direction_mask (CUDA): C = ", C, " is too large");
+  TORCH_CHECK(H * W <= std::numeric_limits<int>::max(), "region_direction_mask (CUDA): H * W = ", H * W,
+              " is too large (at most 2^31 - 1 pixels per image)");
+  const int64_t Hr = (H + region_h - 1) / region_h, Wr = (W + region_w - 1) / region_w;
+  const c10::cuda::CUDAGuard guard(za.device());
+  at::Tensor direction = at::empty({N, Hr, Wr}, za.options().dtype(at::kChar));
+  at::Tensor scores = at::empty({N, 2, Hr, Wr}, za.options().dtype(at::kFloat));
+  const int64_t regions = N * Hr * Wr;
+  if (regions == 0) return {direction, scores};
+  TORCH_CHECK(regions <= std::numeric_limits<int>::max(), "region_direction_mask (CUDA): ", regions,
+              " regions is too many for one launch");
+  const int64_t region_pixels = std::min(region_h, H) * std::min(region_w, W);
+  const int threads = static_cast<int>(std::min<int64_t>(kThreads, (region_pixels + kWarpSize - 1) / kWarpSize * kWarpSize));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "region_direction_mask_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    region_direction_kernel<scalar_t, acc_t><<<static_cast<unsigned>(regions), threads, 0, stream>>>(
+        logits_view<scalar_t>(za), logits_view<scalar_t>(zb), labels_view(y), static_cast<int>(C),
+        static_cast<int>(H), static_cast<int>(W), region_h, region_w, Hr, Wr, score == Score::kAccuracy,
+        ignore_index, direction.data_ptr<int8_t>(), scores.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {direction, scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ccl, CUDA, m) { m.impl("region_direction_mask", &region_direction_mask_cuda); }
+
+}  // namespace ccl::cuda

@@ -1,0 +1,316 @@
+"""Fused ops against the float64 reference: values, gradients, edge cases, errors, opcheck, gradcheck, compile."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from op_cases import DTYPES, GRAD_TOL, LAYOUTS, LOSS_TOL, SCORE_TOL, make_inputs, shapes, with_layout
+
+import ccl_ops
+from ccl_ops import reference
+
+RULES = ("correct", "confidence", "all")
+SETTINGS = settings(max_examples=100, deadline=None)
+
+
+def run_kl(fn, za, zb, y, grad_weights, **kw):
+    """Losses, counts and the gradients of (g_a * loss_a + g_b * loss_b) w.r.t. both logits."""
+    za = za.detach().requires_grad_()
+    zb = zb.detach().requires_grad_()
+    out = fn(za, zb, y, **kw)
+    ga, gb = torch.autograd.grad(out.loss_a * grad_weights[0] + out.loss_b * grad_weights[1], (za, zb))
+    return out, ga, gb
+
+
+def assert_kl_matches_reference(za, zb, y, grad_weights=(1.0, 1.0), reference_dtype=torch.float64, **kw):
+    out, ga, gb = run_kl(ccl_ops.pixel_selective_kl, za, zb, y, grad_weights, **kw)
+    ref, rga, rgb = run_kl(reference.pixel_selective_kl, za.to(reference_dtype), zb.to(reference_dtype), y,
+                           grad_weights, **kw)
+    dtype = za.dtype
+    tol = LOSS_TOL[dtype] if reference_dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss_a.double(), ref.loss_a.double(), **tol)
+    torch.testing.assert_close(out.loss_b.double(), ref.loss_b.double(), **tol)
+    assert int(out.count_ab) == int(ref.count_ab) and int(out.count_ba) == int(ref.count_ba)
+    assert ga.dtype == dtype and gb.dtype == dtype
+    tol = GRAD_TOL[dtype]
+    if reference_dtype != torch.float64:
+        tol = dict(rtol=max(tol["rtol"], 1e-4), atol=max(tol["atol"], 1e-6))
+    torch.testing.assert_close(ga.double(), rga.double(), **tol)
+    torch.testing.assert_close(gb.double(), rgb.double(), **tol)
+    return out, ga, gb
+
+
+@SETTINGS
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(DTYPES),
+    rule=st.sampled_from(RULES),
+    normalize=st.sampled_from(("valid", "selected")),
+    temperature=st.floats(0.5, 4.0),
+    layout=st.sampled_from(LAYOUTS),
+    ignore_frac=st.sampled_from((0.0, 0.3, 0.9)),
+    grad_weights=st.tuples(st.floats(-2, 2), st.floats(-2, 2)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pixel_selective_kl_matches_reference(device, shape, dtype, rule, normalize, temperature, layout,
+                                              ignore_frac, grad_weights, seed):
+    za, zb, y = make_inputs(seed, *shape, dtype, ignore_frac=ignore_frac, device=device, layout=layout)
+    assert_kl_matches_reference(za, zb, y, grad_weights, temperature=temperature, rule=rule, normalize=normalize)
+
+
+@SETTINGS
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(DTYPES),
+    score=st.sampled_from(("ce", "accuracy")),
+    region=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    layout=st.sampled_from(LAYOUTS),
+    ignore_frac=st.sampled_from((0.0, 0.5, 0.95)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_region_direction_mask_matches_reference(device, shape, dtype, score, region, layout, ignore_frac, seed):
+    za, zb, y = make_inputs(seed, *shape, dtype, ignore_frac=ignore_frac, device=device, layout=layout)
+    out = ccl_ops.region_direction_mask(za, zb, y, region=region, score=score)
+    ref = reference.region_direction_mask(za.double(), zb.double(), y, region=region, score=score)
+    n, _, h, w = za.shape
+    hr, wr = -(-h // region[0]), -(-w // region[1])
+    assert out.direction.dtype == torch.int8 and out.direction.shape == (n, hr, wr)
+    assert out.scores.dtype == torch.float32 and out.scores.shape == (n, 2, hr, wr)
+    torch.testing.assert_close(out.scores, ref.scores, equal_nan=True, **SCORE_TOL[dtype])
+    # Directions must agree wherever the two scores are not a near-tie (float32 vs float64 summation order).
+    decided = (ref.scores[:, 0] - ref.scores[:, 1]).abs() > 1e-4
+    torch.testing.assert_close(out.direction[decided], ref.direction[decided])
+    assert ((out.direction == 0) | ~ref.scores.isnan().any(1)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", RULES)
+def test_identical_students_have_zero_loss_and_gradient(device, dtype, rule):
+    za, _, y = make_inputs(1, 2, 5, 9, 11, dtype, device=device)
+    out, ga, gb = run_kl(ccl_ops.pixel_selective_kl, za, za.clone(), y, (1.0, 1.0), rule=rule)
+    torch.testing.assert_close(out.loss_a.double(), torch.zeros((), dtype=torch.float64, device=device))
+    torch.testing.assert_close(out.loss_b.double(), torch.zeros((), dtype=torch.float64, device=device))
+    assert not ga.any() and not gb.any()
+    if rule != "all":
+        assert int(out.count_ab) == 0 and int(out.count_ba) == 0
+    mask = ccl_ops.region_direction_mask(za, za.clone(), y, region=(4, 4))
+    assert not mask.direction.any()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_argmax_ties_resolve_to_lowest_channel(device, rule):
+    # Every pixel of A has all-equal logits (argmax = channel 0); B is sharp on random channels.
+    _, zb, y = make_inputs(2, 2, 4, 7, 9, torch.float32, device=device, ignore_frac=0.0)
+    za = torch.zeros_like(zb)
+    out, _, _ = assert_kl_matches_reference(za, zb, y, rule=rule)
+    if rule == "correct":
+        right_a = y == 0
+        right_b = zb.argmax(1) == y
+        assert int(out.count_ab) == int((right_a & ~right_b).sum())
+
+
+@pytest.mark.parametrize("op", ("kl", "region"))
+def test_all_pixels_ignored_gives_zero_not_nan(device, op):
+    za, zb, y = make_inputs(3, 2, 5, 8, 8, torch.float32, device=device)
+    y = torch.full_like(y, 255)
+    if op == "kl":
+        for normalize in ("valid", "selected"):
+            out, ga, gb = run_kl(ccl_ops.pixel_selective_kl, za, zb, y, (1.0, 1.0), normalize=normalize, rule="all")
+            assert out.loss_a.item() == 0.0 and out.loss_b.item() == 0.0
+            assert not ga.any() and not gb.any()
+    else:
+        out = ccl_ops.region_direction_mask(za, zb, y, region=(3, 3))
+        assert not out.direction.any() and out.scores.isnan().all()
+
+
+@pytest.mark.parametrize("c", (1, 2))
+@pytest.mark.parametrize("rule", RULES)
+def test_one_and_two_classes(device, c, rule):
+    za, zb, y = make_inputs(4, 2, c, 7, 5, torch.float32, device=device)
+    out, _, _ = assert_kl_matches_reference(za, zb, y, rule=rule, temperature=2.0)
+    if c == 1:  # a single class: both students always right, p = 1, nothing to learn
+        assert float(out.loss_a) == 0.0 and float(out.loss_b) == 0.0
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("rule", RULES)
+def test_logits_near_1e4(device, dtype, rule):
+    za, zb, y = make_inputs(5, 2, 6, 9, 10, dtype, scale=1e4 / 6, device=device)
+    assert za.abs().max() > 5e3
+    # Near one-hot softmaxes make cross-entropies differ below float32 resolution, so the 'confidence' selection
+    # is only defined at the precision the spec computes in (float32): compare with the reference run in float32.
+    out, ga, gb = assert_kl_matches_reference(za, zb, y, rule=rule, temperature=0.5, reference_dtype=torch.float32)
+    assert torch.isfinite(out.loss_a) and torch.isfinite(out.loss_b)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_give_the_same_result(device, layout):
+    za, zb, y = make_inputs(6, 2, 7, 13, 17, torch.float32, device=device)
+    base, ga, gb = run_kl(ccl_ops.pixel_selective_kl, za, zb, y, (1.0, 1.0), rule="confidence")
+    other, ga2, gb2 = run_kl(ccl_ops.pixel_selective_kl, with_layout(za, layout), with_layout(zb, layout), y,
+                             (1.0, 1.0), rule="confidence")
+    torch.testing.assert_close(other.loss_a, base.loss_a)
+    torch.testing.assert_close(ga2, ga)
+    torch.testing.assert_close(gb2, gb)
+    y_strided = torch.zeros(y.shape[0], y.shape[2], y.shape[1], dtype=y.dtype, device=device).transpose(1, 2)
+    y_strided.copy_(y)
+    torch.testing.assert_close(ccl_ops.pixel_selective_kl(za, zb, y_strided).loss_b,
+                               ccl_ops.pixel_selective_kl(za, zb, y).loss_b)
+    torch.testing.assert_close(ccl_ops.region_direction_mask(with_layout(za, layout), with_layout(zb, layout), y),
+                               ccl_ops.region_direction_mask(za, zb, y), equal_nan=True)
+
+
+def test_nan_logits_propagate_into_the_loss(device):
+    za, zb, y = make_inputs(7, 1, 4, 6, 6, torch.float32, device=device, ignore_frac=0.0)
+    # A NaN at one valid pixel, whichever rule selected it or not, makes the loss NaN for both implementations.
+    za[0, 2, 3, 3] = float("nan")
+    for fn in (ccl_ops.pixel_selective_kl, reference.pixel_selective_kl):
+        for rule in RULES:
+            out = fn(za, zb, y, rule=rule)
+            assert out.loss_a.isnan() and out.loss_b.isnan(), (fn, rule)
+    # ... but a NaN under an ignored pixel does not count.
+    y[0, 3, 3] = 255
+    out = ccl_ops.pixel_selective_kl(za, zb, y)
+    assert torch.isfinite(out.loss_a) and torch.isfinite(out.loss_b)
+
+
+def test_results_do_not_depend_on_thread_count():
+    za, zb, y = make_inputs(8, 4, 19, 64, 96, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ccl_ops.pixel_selective_kl(za, zb, y, rule="all")
+        torch.set_num_threads(max(2, threads))
+        many = ccl_ops.pixel_selective_kl(za, zb, y, rule="all")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.loss_a, many.loss_a) and torch.equal(one.loss_b, many.loss_b)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_gradcheck_float64(device, rule):
+    za, zb, y = make_inputs(9, 2, 4, 5, 6, torch.float64, device=device)
+    # The teacher side is a stop-gradient by definition, so each loss is checked against its learner only.
+    kw = dict(temperature=1.7, rule=rule)
+    assert torch.autograd.gradcheck(lambda a: ccl_ops.pixel_selective_kl(a, zb, y, **kw).loss_a,
+                                    (za.requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda b: ccl_ops.pixel_selective_kl(za.detach(), b, y, **kw).loss_b,
+                                    (zb.requires_grad_(),))
+
+
+def test_opcheck(device):
+    za, zb, y = make_inputs(10, 2, 5, 6, 7, torch.float32, device=device)
+    za.requires_grad_()
+    zb.requires_grad_()
+    for rule in RULES:
+        torch.library.opcheck(torch.ops.ccl.pixel_selective_kl.default, (za, zb, y, 1.5, rule, "valid", 255))
+    out = torch.ops.ccl.pixel_selective_kl(za, zb, y, 1.0, "correct", "selected", 255)
+    g = torch.tensor(0.7, device=device)
+    torch.library.opcheck(torch.ops.ccl.pixel_selective_kl_backward.default,
+                          (g, g, za.detach(), zb.detach(), out[4], out[5], 1.0, [True, False]))
+    for score in ("ce", "accuracy"):
+        torch.library.opcheck(torch.ops.ccl.region_direction_mask.default, (za.detach(), zb.detach(), y, 3, 4, score, 255))
+
+
+def test_works_under_torch_compile_fullgraph(device):
+    za, zb, y = make_inputs(11, 2, 5, 12, 10, torch.float32, device=device)
+
+    def step(a, b, labels):
+        out = ccl_ops.pixel_selective_kl(a, b, labels, temperature=2.0, rule="confidence")
+        mask = ccl_ops.region_direction_mask(a.detach(), b.detach(), labels, region=(4, 4))
+        return out.loss_a + out.loss_b, mask.direction
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        a, b = za.clone().requires_grad_(), zb.clone().requires_grad_()
+        loss, direction = fn(a, b, y)
+        loss.backward()
+        results.append((loss, direction, a.grad, b.grad))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager)
+
+
+def test_backend_and_fallback(monkeypatch):
+    from ccl_ops import ops
+
+    assert ccl_ops.backend(torch.device("cpu")) == "cpu-fused"
+    assert ccl_ops.backend("meta") == "reference"
+    za, zb, y = make_inputs(12, 2, 5, 6, 6, torch.float32)
+    fused = ccl_ops.pixel_selective_kl(za, zb, y)
+    monkeypatch.setattr(ops, "KERNEL_DEVICES", frozenset())
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="using the pure-PyTorch reference"):
+        fallback = ccl_ops.pixel_selective_kl(za, zb, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per device type, not one per call
+        ccl_ops.region_direction_mask(za, zb, y)
+    assert ccl_ops.backend("cpu") == "reference"
+    torch.testing.assert_close(fallback.loss_a, fused.loss_a)
+
+
+# Bad input: a clear error naming the argument, the value and what was expected.
+BAD_INPUTS = [
+    (lambda za, zb, y: (za, zb, torch.where(y == 255, y, 7)), {}, ValueError, "label value 7"),
+    (lambda za, zb, y: (za, zb, torch.where(y == 255, y, -1)), {}, ValueError, "label value -1"),
+    (lambda za, zb, y: (za, zb[:, :, :-1], y), {}, ValueError, "zb must have the shape of za"),
+    (lambda za, zb, y: (za, zb, y[:, :-1]), {}, ValueError, "y must have shape"),
+    (lambda za, zb, y: (za[0], zb[0], y), {}, ValueError, "za must be 4-D"),
+    (lambda za, zb, y: (za, zb.double(), y), {}, TypeError, "zb must have the dtype of za"),
+    (lambda za, zb, y: (za.long(), zb.long(), y), {}, TypeError, "za must be float32"),
+    (lambda za, zb, y: (za, zb, y.int()), {}, TypeError, "y must be int64"),
+    (lambda za, zb, y: (za, zb.to("meta"), y), {}, ValueError, "one device"),
+]
+
+
+@pytest.mark.parametrize("make_bad, kwargs, error, message", BAD_INPUTS)
+@pytest.mark.parametrize("op", ("kl", "region"))
+@pytest.mark.parametrize("impl", ("fused", "reference"))
+def test_bad_input_is_a_clear_error(make_bad, kwargs, error, message, op, impl):
+    za, zb, y = make_bad(*make_inputs(13, 2, 5, 6, 6, torch.float32))
+    module = ccl_ops if impl == "fused" else reference
+    fn = module.pixel_selective_kl if op == "kl" else module.region_direction_mask
+    with pytest.raises(error, match=message):
+        fn(za, zb, y, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(temperature=float("inf")), "temperature must be"),
+    (dict(rule="majority"), "rule='majority' is unknown; expected one of 'correct', 'confidence', 'all'"),
+    (dict(normalize="sum"), "normalize='sum' is unknown"),
+])
+def test_bad_kl_options(kwargs, message):
+    za, zb, y = make_inputs(14, 1, 3, 4, 4, torch.float32)
+    for fn in (ccl_ops.pixel_selective_kl, reference.pixel_selective_kl):
+        with pytest.raises(ValueError, match=message):
+            fn(za, zb, y, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(region=0), "region sizes must be >= 1"),
+    (dict(region=(4, -2)), "region sizes must be >= 1"),
+    (dict(region=(4, 4, 4)), "region must be an int or a pair"),
+    (dict(score="iou"), "score='iou' is unknown"),
+])
+def test_bad_region_options(kwargs, message):
+    za, zb, y = make_inputs(15, 1, 3, 4, 4, torch.float32)
+    for fn in (ccl_ops.region_direction_mask, reference.region_direction_mask):
+        with pytest.raises(ValueError, match=message):
+            fn(za, zb, y, **kwargs)
+
+
+def test_direct_op_calls_check_their_arguments():
+    za, zb, y = make_inputs(16, 1, 3, 4, 4, torch.float32)
+    with pytest.raises(ValueError, match="rule='x' is unknown"):
+        torch.ops.ccl.pixel_selective_kl(za, zb, y, 1.0, "x", "valid", 255)
+    with pytest.raises(RuntimeError, match="temperature must be"):
+        torch.ops.ccl.pixel_selective_kl(za, zb, y, -1.0, "all", "valid", 255)
+    with pytest.raises(RuntimeError, match="region sizes must be >= 1"):
+        torch.ops.ccl.region_direction_mask(za, zb, y, 0, 2, "ce", 255)
+    with pytest.raises(ValueError, match="label value 9"):
+        torch.ops.ccl.region_direction_mask(za, zb, torch.full_like(y, 9), 2, 2, "ce", 255)
