@@ -1,0 +1,61 @@
+"""pytest-benchmark suite of the kernel cases of ``ccl-bench kernels`` (same inputs, same implementations).
+
+    pytest benchmarks --benchmark-only                      # CPU, 2x19x512x512 float32
+    CCL_BENCH_SHAPE=1x19x256x256 CCL_BENCH_DTYPE=bfloat16 pytest benchmarks --benchmark-only
+    CCL_BENCH_DEVICE=cuda pytest benchmarks --benchmark-only
+
+On CUDA each call synchronises so that the timings cover the kernels, not the launches.
+"""
+import os
+
+import pytest
+import torch
+
+from ccl_bench.kernels import DEFAULT_SHAPES, DTYPES, OPS, implementations, make_case_inputs
+
+DEVICE = torch.device(os.environ.get("CCL_BENCH_DEVICE", "cpu"))
+SHAPE = tuple(int(v) for v in os.environ.get("CCL_BENCH_SHAPE", DEFAULT_SHAPES[DEVICE.type]).split("x"))
+DTYPE = DTYPES[os.environ.get("CCL_BENCH_DTYPE", "float32")]
+
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip("CCL_BENCH_DEVICE=cuda but no CUDA device", allow_module_level=True)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("impl", ("eager", "compile", "fused"))
+@pytest.mark.parametrize("op", OPS)
+def test_forward(benchmark, op, impl):
+    fn = implementations(op, DEVICE)[impl]
+    za, zb, y = make_case_inputs(SHAPE, DTYPE, DEVICE)
+
+    def call():
+        with torch.no_grad():
+            out = fn(za, zb, y)
+        _sync()
+        return out
+
+    call()  # compile / warm up outside the timing
+    benchmark.extra_info.update(shape="x".join(map(str, SHAPE)), dtype=str(DTYPE))
+    benchmark(call)
+
+
+@pytest.mark.parametrize("impl", ("eager", "compile", "fused"))
+def test_pixel_selective_kl_forward_backward(benchmark, impl):
+    fn = implementations("pixel_selective_kl", DEVICE)[impl]
+    za, zb, y = make_case_inputs(SHAPE, DTYPE, DEVICE)
+    za.requires_grad_()
+    zb.requires_grad_()
+
+    def call():
+        loss_a, loss_b = fn(za, zb, y)
+        grads = torch.autograd.grad(loss_a + loss_b, (za, zb))
+        _sync()
+        return grads
+
+    call()
+    benchmark.extra_info.update(shape="x".join(map(str, SHAPE)), dtype=str(DTYPE))
+    benchmark(call)
