@@ -45,17 +45,22 @@ def photometric(image: torch.Tensor, strength: float = 0.25) -> torch.Tensor:
     return image.clamp_(0, 1)
 
 
-def random_scale_crop(image: torch.Tensor, label: torch.Tensor, crop_size: tuple[int, int],
-                      scale_range: tuple[float, float], ignore_index: int):
-    """Equivalent to: rescale by s ~ U(scale_range), pad to ``crop_size`` (image 0, label ``ignore_index``),
-    random crop. Only the source window that survives the crop is resized (cheap for large images)."""
+def random_scale_window(image: torch.Tensor, label: torch.Tensor, crop_size: tuple[int, int],
+                        scale_range: tuple[float, float]):
+    """The part of "rescale by s ~ U(scale_range), then random crop" that holds pixels: only the source
+    window that survives the crop is resized (cheap for large images). The result is at most ``crop_size``;
+    :func:`random_pad` completes it."""
     (ch, cw), (h, w) = crop_size, label.shape
     s = _uniform(*scale_range)
     sh, sw = min(h, max(1, round(ch / s))), min(w, max(1, round(cw / s)))
     y0, x0 = _randint(h - sh), _randint(w - sw)
     image, label = image[:, y0:y0 + sh, x0:x0 + sw], label[y0:y0 + sh, x0:x0 + sw]
-    image, label = resize_pair(image, label, (min(ch, max(1, round(sh * s))), min(cw, max(1, round(sw * s)))))
-    ph, pw = ch - label.shape[0], cw - label.shape[1]
+    return resize_pair(image, label, (min(ch, max(1, round(sh * s))), min(cw, max(1, round(sw * s)))))
+
+
+def random_pad(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int], ignore_index: int):
+    """Pad at a random offset to ``size``: image with 0 (the mean after normalisation), label with ignore."""
+    ph, pw = size[0] - label.shape[0], size[1] - label.shape[1]
     if ph or pw:
         oy, ox = _randint(ph), _randint(pw)
         image = F.pad(image, (ox, pw - ox, oy, ph - oy), value=0.0)
@@ -65,8 +70,8 @@ def random_scale_crop(image: torch.Tensor, label: torch.Tensor, crop_size: tuple
 
 @dataclass
 class SegTransform:
-    """Train: photometric -> normalize -> random scale + crop with ignore padding -> horizontal flip.
-    Eval (``augment=False``): normalize only (plus a fixed resize when ``resize`` is given)."""
+    """Train: random scale + crop (window first) -> photometric -> normalize -> ignore padding -> flip.
+    Eval (``augment=False``): normalize only (after a fixed resize when ``resize`` is given)."""
 
     augment: bool = False
     crop_size: tuple[int, int] | None = None
@@ -90,16 +95,18 @@ class SegTransform:
             raise ValueError(f"scale_range={self.scale_range!r}: expected 0 < low <= high")
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor):
-        if self.augment and self.photometric:
-            image = photometric(image)
+        if self.resize is not None:
+            image, label = resize_pair(image, label, self.resize)
+        if self.augment:
+            image, label = random_scale_window(image, label, self.crop_size, self.scale_range)
+            if self.photometric:
+                image = photometric(image)
         if self.mean is not None:
             mean = torch.tensor(self.mean, dtype=image.dtype)[:, None, None]
             std = torch.tensor(self.std, dtype=image.dtype)[:, None, None]
             image = (image - mean) / std
-        if self.resize is not None:
-            image, label = resize_pair(image, label, self.resize)
         if self.augment:
-            image, label = random_scale_crop(image, label, self.crop_size, self.scale_range, self.ignore_index)
+            image, label = random_pad(image, label, self.crop_size, self.ignore_index)
             if self.flip and torch.rand(()) < 0.5:
                 image, label = image.flip(-1), label.flip(-1)
         return image.contiguous(), label.contiguous()
