@@ -148,6 +148,17 @@ def test_backbone_checkpoint_in_timm_format(tmp_path):
         build_student(DEFAULT_CNN, NUM_CLASSES, backbone_checkpoint=str(path))
 
 
+def test_pretrained_failure_points_to_local_checkpoint(monkeypatch):
+    def offline(*args, pretrained=False, **kwargs):  # never touch the network in tests
+        if pretrained:
+            raise OSError("no network")
+        return real(*args, **kwargs)
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match="backbone='resnet18'.*backbone_checkpoint"):
+        build_student(DEFAULT_CNN, NUM_CLASSES, pretrained=True)
+
+
 @pytest.mark.parametrize("name,match", [("unet_resnet18", "name='unet_resnet18'"),
                                         ("deeplabv3plus", "name='deeplabv3plus'"),
                                         ("segformer_not_a_model", "backbone='not_a_model'")])

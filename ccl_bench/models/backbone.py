@@ -105,7 +105,14 @@ def create_encoder(backbone: str, pretrained: bool = False, backbone_checkpoint:
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride={output_stride!r}: expected 8, 16 or 32")
         kwargs["output_stride"] = output_stride
-    model = timm.create_model(backbone, pretrained=pretrained and backbone_checkpoint is None, **kwargs)
+    fetch = pretrained and backbone_checkpoint is None
+    try:
+        model = timm.create_model(backbone, pretrained=fetch, **kwargs)
+    except Exception as exc:
+        if not fetch:
+            raise
+        raise RuntimeError(f"pretrained=True: could not fetch timm weights for backbone={backbone!r} ({exc}); "
+                           "offline, pass backbone_checkpoint=<local timm state dict> instead") from exc
     if backbone_checkpoint is not None:
         load_checked(model, backbone_checkpoint, "backbone_checkpoint", ignore=_HEAD_PREFIXES)
     return split_stages(model)
