@@ -1,6 +1,7 @@
 """Datasets: the embedded digits set, fixture trees in each benchmark's exact layout, augmentations, errors."""
 import multiprocessing as mp
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -97,6 +98,9 @@ def test_loader_with_workers(digits_cache):
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, shuffle=True)
     images, labels = next(iter(loader))
     assert images.shape == (8, 3, 64, 64) and labels.shape == (8, 64, 64) and labels.dtype == torch.int64
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned worker receives: a re-opened memory map
+    assert len(pickle.dumps(ds)) < 10_000 and isinstance(clone.images, np.memmap)
+    np.testing.assert_array_equal(clone.labels[2], ds.labels[2])
 
 
 # ------------------------------------------------------------------------------- fixture trees (writers)

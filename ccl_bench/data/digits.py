@@ -142,11 +142,21 @@ class DigitsDataset(SegDataset):
         super().__init__(split, CLASS_NAMES, transform)
         self.size, self.seed = size, seed
         self.cache_path = build_digits(split, size, num_images, seed, cache_dir)
-        self.images = np.load(os.path.join(self.cache_path, "images.npy"), mmap_mode="r")
-        self.labels = np.load(os.path.join(self.cache_path, "labels.npy"), mmap_mode="r")
+        self._open()
         if self.images.shape != (num_images, size, size, 3) or self.labels.shape != (num_images, size, size):
             raise ValueError(f"digits cache {self.cache_path!r} is corrupt (shapes {self.images.shape}, "
                              f"{self.labels.shape}); delete it to rebuild")
+
+    def _open(self) -> None:
+        self.images = np.load(os.path.join(self.cache_path, "images.npy"), mmap_mode="r")
+        self.labels = np.load(os.path.join(self.cache_path, "labels.npy"), mmap_mode="r")
+
+    def __getstate__(self):  # spawned DataLoader workers re-open the memory map instead of copying it
+        return {k: v for k, v in self.__dict__.items() if k not in ("images", "labels")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
 
     def __len__(self) -> int:
         return len(self.images)
