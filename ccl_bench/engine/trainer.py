@@ -519,19 +519,19 @@ class Trainer:
         os.replace(tmp, path)
 
     # -- timing (ccl-bench overhead) --------------------------------------------------------------------------
-    def time_steps(self, steps: int, warmup: int = 3) -> float:
-        """Seconds per training step on one fixed batch (data loading excluded)."""
+    def fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first training batch, on the device (the same for every method with the same seed)."""
         x, y = next(iter(self.epoch_loader(0, 0)))
-        x, y = x.to(self.device), y.to(self.device)
+        return x.to(self.device), y.to(self.device)
+
+    def timed_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Seconds of one training step (synchronised on CUDA)."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        for _ in range(warmup):
-            self.train_step(x, y)
         sync()
         start = time.perf_counter()
-        for _ in range(steps):
-            self.train_step(x, y)
+        self.train_step(x, y)
         sync()
-        return (time.perf_counter() - start) / steps
+        return time.perf_counter() - start
 
 
 def run_training(config: dict, run_dir: str, resume: bool = False, overwrite: bool = False,

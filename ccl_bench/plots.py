@@ -1,0 +1,180 @@
+"""Plots of a set of runs (matplotlib, Agg): mIoU and loss curves, teaching shares over training, and
+direction-mask overlays on validation images (which student teaches where)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+
+SHARES = (("pixel_ab", "pixels A→B"), ("pixel_ba", "pixels B→A"), ("region_ab", "regions A→B"),
+          ("region_ba", "regions B→A"))
+STUDENTS = (("cnn", "CNN (A)"), ("vit", "ViT (B)"), ("ensemble", "ensemble"))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _read_csv(path: str) -> pd.DataFrame | None:
+    return pd.read_csv(path) if os.path.isfile(path) and os.path.getsize(path) else None
+
+
+def _mean_by_step(frames: list[pd.DataFrame], column: str) -> pd.Series | None:
+    parts = [f.set_index("step")[column] for f in frames if f is not None and column in f]
+    return pd.concat(parts, axis=1).mean(axis=1) if parts else None
+
+
+def _history(run_dir: str) -> pd.DataFrame | None:
+    frame = _read_csv(os.path.join(run_dir, "evals.csv"))
+    if frame is not None:
+        return frame
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        history = json.load(f).get("history")
+    return pd.DataFrame(history) if history else None
+
+
+def plot_miou_curves(runs: pd.DataFrame, path: str) -> str:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    for method, group in runs.groupby("method", sort=False):
+        frames = [_history(d) for d in group["run_dir"]]
+        for ax, (key, title) in zip(axes, STUDENTS):
+            curve = _mean_by_step(frames, f"miou_{key}")
+            if curve is not None:
+                ax.plot(curve.index, 100 * curve.values, marker="o", label=method)
+                ax.set_title(f"{title} mIoU (mean over seeds)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mIoU (%)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curves(runs: pd.DataFrame, path: str) -> str:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for method, group in runs.groupby("method", sort=False):
+        frames = [_read_csv(os.path.join(d, "steps.csv")) for d in group["run_dir"]]
+        total = _mean_by_step(frames, "loss")
+        if total is not None:
+            axes[0].plot(total.index, total.values, label=method)
+        ce = [_mean_by_step(frames, c) for c in ("ce_a", "ce_b")]
+        for series, style, who in zip(ce, ("-", "--"), ("A", "B")):
+            if series is not None:
+                axes[1].plot(series.index, series.values, style, label=f"{method} CE {who}")
+    axes[0].set_title("total loss")
+    axes[1].set_title("cross-entropy of each student")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_shares(runs: pd.DataFrame, path: str) -> str | None:
+    """Share of pixels / regions where A teaches B and B teaches A, over training (methods that select)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    drawn = False
+    for method, group in runs.groupby("method", sort=False):
+        frames = [_read_csv(os.path.join(d, "steps.csv")) for d in group["run_dir"]]
+        for i, (col, title) in enumerate(SHARES):
+            curve = _mean_by_step(frames, col)
+            if curve is not None:
+                drawn = True
+                axes[i // 2].plot(curve.index, curve.values, "-" if i % 2 == 0 else "--", label=f"{method}: {title}")
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set_title("pixel-wise BSD: share of valid pixels taught")
+    axes[1].set_title("region-wise BSD: share of regions taught")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _direction_rgb(direction: np.ndarray) -> np.ndarray:
+    """+1 (A, the CNN, teaches) red, -1 (B, the ViT, teaches) blue, 0 white."""
+    rgb = np.ones(direction.shape + (3,), np.float32)
+    rgb[direction > 0] = (0.85, 0.2, 0.15)
+    rgb[direction < 0] = (0.15, 0.35, 0.85)
+    return rgb
+
+
+def plot_overlays(run_dir: str, path: str, title: str | None = None) -> str | None:
+    """Image, labels, both predictions, who teaches each pixel and each region (red: CNN→ViT, blue: ViT→CNN)."""
+    source = os.path.join(run_dir, "overlays.npz")
+    if not os.path.isfile(source):
+        return None
+    plt = _pyplot()
+    data = np.load(source)
+    images, labels = data["images"], data["labels"]
+    rh, rw = (int(v) for v in data["region"])
+    ignore = int(data["ignore_index"])
+    count = len(images)
+    cols = ("image", "label", "CNN prediction", "ViT prediction", f"pixels ({data['rule']} rule)",
+            f"regions {rh}x{rw}")
+    fig, axes = plt.subplots(count, len(cols), figsize=(2.2 * len(cols), 2.2 * count), squeeze=False)
+    vmax = max(int(labels[labels != ignore].max(initial=0)), int(data["pred_cnn"].max()), int(data["pred_vit"].max()))
+    for i in range(count):
+        h, w = labels[i].shape
+        region = np.kron(data["region_direction"][i], np.ones((rh, rw), np.int8))[:h, :w]
+        label = np.ma.masked_equal(labels[i], ignore)
+        panels = (images[i], label, data["pred_cnn"][i], data["pred_vit"][i],
+                  _direction_rgb(data["pixel_direction"][i]), _direction_rgb(region))
+        for j, panel in enumerate(panels):
+            ax = axes[i, j]
+            if j in (1, 2, 3):
+                ax.imshow(panel, cmap="tab20", vmin=0, vmax=max(vmax, 1), interpolation="nearest")
+            elif j >= 4:
+                ax.imshow(images[i])
+                ax.imshow(panel, alpha=0.6, interpolation="nearest")
+            else:
+                ax.imshow(panel)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(cols[j], fontsize=8)
+    fig.suptitle(title or f"{os.path.basename(run_dir)}: red = CNN teaches ViT, blue = ViT teaches CNN", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_all(runs: pd.DataFrame, out: str) -> dict[str, str]:
+    """Every plot for the runs of a report; returns name -> path."""
+    os.makedirs(out, exist_ok=True)
+    written = {"miou_curves": plot_miou_curves(runs, os.path.join(out, "miou_curves.png")),
+               "loss_curves": plot_loss_curves(runs, os.path.join(out, "loss_curves.png"))}
+    shares = plot_shares(runs, os.path.join(out, "teaching_shares.png"))
+    if shares:
+        written["teaching_shares"] = shares
+    for method, group in runs.groupby("method", sort=False):
+        first = group.sort_values("seed").iloc[0]
+        safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in method)
+        path = plot_overlays(first["run_dir"], os.path.join(out, f"overlays_{safe}.png"),
+                             f"{method} (seed {first['seed']}): red = CNN teaches ViT, blue = ViT teaches CNN")
+        if path:
+            written[f"overlays_{method}"] = path
+    return written

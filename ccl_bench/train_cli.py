@@ -1,0 +1,246 @@
+"""``ccl-bench`` subcommands of the co-training benchmark: train, compare, report, export, methods, overhead."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _split(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+def _overrides(args) -> list[str]:
+    return [item for group in (args.set or []) for item in group]
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="preset name (see `ccl-bench methods`), e.g. quick, voc, cityscapes, camvid")
+    parser.add_argument("--config", help="YAML config file applied after the preset")
+    parser.add_argument("--iters", type=int, help="training iterations (train.iters)")
+    parser.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
+                        help="override a config key with a YAML value, e.g. --set train.amp=off methods.ccl.hfd=false")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (train.progress=false)")
+
+
+def _load(args, method: str | None, seed: int | None, label: str | None = None, method_options=None) -> dict:
+    from .config import load_config
+
+    direct = {"method": method, "seed": seed, "train.iters": args.iters, "label": label,
+              "train.progress": False if args.no_progress else None}
+    for key, value in (method_options or {}).items():
+        direct[f"methods.{method}.{key}"] = value
+    return load_config(args.preset, args.config, _overrides(args), **direct)
+
+
+def _fail(command: str, exc: BaseException, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"ccl-bench {command}: error: {exc}", file=sys.stderr)
+    return code
+
+
+def _guarded(command: str, fn):
+    """Run ``fn``; turn the errors a user can cause into a message and an exit code (no traceback)."""
+    from .config import ConfigError
+    from .engine import CheckpointError, NonFiniteLossError, RunDirError, TrainingInterrupted
+
+    try:
+        return fn() or 0
+    except TrainingInterrupted as exc:
+        print(f"ccl-bench {command}: interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except NonFiniteLossError as exc:
+        return _fail(command, exc, EXIT_NON_FINITE)
+    except (ConfigError, RunDirError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        return _fail(command, exc)
+
+
+# -- train ----------------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    def run():
+        from .engine import run_training
+        from .methods import parse_method_spec
+
+        name, options = parse_method_spec(args.method) if args.method else (None, {})
+        config = _load(args, name, args.seed, args.label or (args.method if options else None), options)
+        metrics = run_training(config, args.out, resume=args.resume, overwrite=args.overwrite)
+        if "miou" in metrics:
+            m = metrics["miou"]
+            print(f"{metrics['method']} seed {metrics['seed']} step {metrics['step']}: mIoU cnn {m['cnn']:.4f} "
+                  f"vit {m['vit']:.4f} ensemble {m['ensemble']:.4f} -> {os.path.join(args.out, 'metrics.json')}")
+    return _guarded("train", run)
+
+
+# -- compare --------------------------------------------------------------------------------------------------
+QUICK_METHODS = "independent,dml,kdcl-minlogit,ccl"
+
+
+def run_dir_name(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_=.+" else "_" for c in spec)
+
+
+def cmd_compare(args) -> int:
+    def run():
+        import json
+        import time
+
+        from .engine import distributed, run_training
+        from .methods import parse_method_spec
+        from .report import write_report
+
+        specs = _split(args.methods)
+        parsed = [parse_method_spec(s) for s in specs]
+        configs = [(spec, seed, _load(args, name, seed, spec, options))  # every config checked before any run
+                   for spec, (name, options) in zip(specs, parsed) for seed in args.seeds]
+        info = distributed.setup(configs[0][2]["train"]["device"])
+        start = time.perf_counter()
+        try:
+            for spec, seed, config in configs:
+                run_dir = os.path.join(args.out, run_dir_name(spec), f"seed{seed}")
+                metrics_path = os.path.join(run_dir, "metrics.json")
+                resume = os.path.isfile(os.path.join(run_dir, "config.yaml"))
+                if resume and os.path.isfile(metrics_path):
+                    with open(metrics_path) as f:
+                        done = json.load(f)
+                    if done.get("complete") and done.get("step", -1) >= config["train"]["iters"]:
+                        if info.is_main:
+                            print(f"compare: {run_dir} is complete; reusing it", file=sys.stderr)
+                        continue
+                if resume and info.is_main:
+                    print(f"compare: continuing {run_dir}", file=sys.stderr)
+                run_training(config, run_dir, resume=resume)
+        finally:
+            distributed.teardown(info)
+        if info.is_main:
+            written = write_report([args.out], args.out, baseline=args.baseline, plots=not args.no_plots)
+            with open(written["markdown"]) as f:
+                print(f.read())
+            print(f"compare: {len(configs)} runs in {time.perf_counter() - start:.0f} s; tables and plots in "
+                  f"{args.out}", file=sys.stderr)
+    return _guarded("compare", run)
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def cmd_report(args) -> int:
+    def run():
+        from .report import write_report
+
+        out = args.out or (args.dirs[0] if len(args.dirs) == 1 else "report")
+        written = write_report(args.dirs, out, baseline=args.baseline, plots=not args.no_plots,
+                               complete_only=args.complete_only)
+        with open(written["markdown"]) as f:
+            print(f.read())
+        print("written: " + ", ".join(sorted(written.values())), file=sys.stderr)
+    return _guarded("report", run)
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    def run():
+        from .engine import export_student
+
+        path = export_student(args.checkpoint, args.student, args.out)
+        print(f"exported the {args.student} student of {args.checkpoint} as a plain state dict: {path}")
+    return _guarded("export", run)
+
+
+# -- methods --------------------------------------------------------------------------------------------------
+def cmd_methods(args) -> int:
+    from .config import preset_names
+    from .methods import method_class, method_names
+
+    for name in method_names():
+        cls = method_class(name)
+        print(f"{name:15s} {cls.description}")
+        if cls.defaults:
+            print(" " * 16 + "options: " + ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()))
+    print("presets: " + ", ".join(preset_names()))
+    return 0
+
+
+# -- overhead -------------------------------------------------------------------------------------------------
+def cmd_overhead(args) -> int:
+    """Steps of the methods are interleaved (A B A B ...) so that load changes hit all of them alike; the median
+    over the timed steps is reported."""
+    def run():
+        import statistics
+
+        from .engine import Trainer, distributed
+        from .methods import parse_method_spec
+
+        specs = _split(args.methods)
+        trainers, info = [], None
+        for spec in specs:
+            name, options = parse_method_spec(spec)
+            config = _load(args, name, 0, spec, options)
+            info = distributed.setup(config["train"]["device"])
+            trainers.append(Trainer(config, None, info, quiet=True))
+        batch = trainers[0].fixed_batch()
+        times = [[] for _ in trainers]
+        for i in range(args.warmup + args.steps):
+            for t, record in zip(trainers, times):
+                seconds = t.timed_step(*batch)
+                if i >= args.warmup:
+                    record.append(seconds)
+        medians = [statistics.median(r) for r in times]
+        print(f"device: {info.device}, preset {args.preset}, batch {tuple(batch[0].shape)}, median of {args.steps} "
+              f"interleaved steps on one fixed batch (data loading excluded)")
+        print(f"{'method':24s} {'ms/step':>10s} {'vs ' + specs[0]:>20s}")
+        for spec, seconds in zip(specs, medians):
+            print(f"{spec:24s} {1000 * seconds:10.1f} {seconds / medians[0]:19.3f}x")
+    return _guarded("overhead", run)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train one method with one seed into a run directory")
+    p.add_argument("--method", help="method name, optionally with options: ccl, dml, ccl:hfd=false, ...")
+    p.add_argument("--seed", type=int, help="seed of the students' init and of the data order")
+    p.add_argument("--out", required=True, help="run directory (never overwritten silently)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--label", help="the method's name in reports (default: --method)")
+    _config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("compare", help="several methods x seeds, then the comparison table")
+    p.add_argument("--methods", default=QUICK_METHODS,
+                   help=f"comma-separated method specs (default {QUICK_METHODS}); ablations: ccl:hfd=false")
+    p.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds (default 0)")
+    p.add_argument("--out", default="runs/compare", help="folder of the runs and the report (default runs/compare)")
+    p.add_argument("--baseline", default="independent", help="method the deltas refer to")
+    p.add_argument("--no-plots", action="store_true")
+    _config_arguments(p)
+    p.set_defaults(func=cmd_compare, preset="quick")
+
+    p = subparsers.add_parser("report", help="aggregate run directories into tables (md, csv, tex) and plots")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding runs")
+    p.add_argument("--out", help="where to write (default: DIR when one is given, else ./report)")
+    p.add_argument("--baseline", default="independent")
+    p.add_argument("--complete-only", action="store_true", help="leave out runs that have not finished")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("export", help="write one student of a run as a plain state dict")
+    p.add_argument("checkpoint", help="run directory or checkpoint file")
+    p.add_argument("--student", required=True, choices=("cnn", "vit"))
+    p.add_argument("--out", required=True, help="output .pt file")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("methods", help="list the methods, their options and the presets")
+    p.set_defaults(func=cmd_methods)
+
+    p = subparsers.add_parser("overhead", help="time a training step of each method (CCL vs CE co-training)")
+    p.add_argument("--methods", default="independent,ccl", help="first one is the reference")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    _config_arguments(p)
+    p.set_defaults(func=cmd_overhead, preset="quick")
