@@ -101,15 +101,16 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
           const auto da = (load<acc_t>(ta, c, i) - Vec<acc_t>::loadu(sa.max + i)) * scale;
           const auto db = (load<acc_t>(tb, c, i) - Vec<acc_t>::loadu(sb.max + i)) * scale;
           const auto diff = da - db;
-          (Vec<acc_t>::loadu(kl_ab + i) + (da - log_sa).exp() * diff).store(kl_ab + i);
-          (Vec<acc_t>::loadu(kl_ba + i) - (db - log_sb).exp() * diff).store(kl_ba + i);
+          (Vec<acc_t>::loadu(kl_ab + i) + (da - log_sa).exp_u20() * diff).store(kl_ab + i);
+          (Vec<acc_t>::loadu(kl_ba + i) - (db - log_sb).exp_u20() * diff).store(kl_ba + i);
         }
       }
       for (int64_t i = 0; i < len; ++i) {
         if (label[i] < 0) continue;
         const acc_t log_ratio = sb.log_sum_t[i] - sa.log_sum_t[i];
-        // A NaN logit at any valid pixel (selected or not) must reach both losses, never vanish.
-        const acc_t nan_guard = log_ratio * acc_t(0);
+        // A NaN logit at any valid pixel (selected or not) must reach both losses, never vanish: the max
+        // carries it (an infinite max gives NaN too, as softmax does).
+        const acc_t nan_guard = (sa.max[i] - sa.max[i]) + (sb.max[i] - sb.max[i]);
         part.kl_ab += nan_guard + ((sel[i] & kAteachesB) ? kl_ab[i] + log_ratio : acc_t(0));
         part.kl_ba += nan_guard + ((sel[i] & kBteachesA) ? kl_ba[i] - log_ratio : acc_t(0));
       }
@@ -203,9 +204,9 @@ void selective_kl_backward(const at::Tensor& za, const at::Tensor& zb, const at:
             continue;
           }
           const auto pa = ((load<acc_t>(ta, c, i) - Vec<acc_t>::loadu(sa.max + i)) * scale -
-                           Vec<acc_t>::loadu(sa.log_sum_t + i)).exp();
+                           Vec<acc_t>::loadu(sa.log_sum_t + i)).exp_u20();
           const auto pb = ((load<acc_t>(tb, c, i) - Vec<acc_t>::loadu(sb.max + i)) * scale -
-                           Vec<acc_t>::loadu(sb.log_sum_t + i)).exp();
+                           Vec<acc_t>::loadu(sb.log_sum_t + i)).exp_u20();
           // Select, do not multiply, so that an unselected pixel's gradient is exactly 0.
           const Vec<acc_t> zero(0);
           if (grad_a) {

@@ -130,7 +130,9 @@ inline void raise_if_bad_label(const std::atomic<int64_t>& bad, int64_t C, int64
               ") nor ignore_index=", ignore_index);
 }
 
-// Softmax statistics of one student over a tile. With m = max_c z:
+// Softmax statistics of one student over a tile. Exponentials use at::vec's inlined exp_u20 (about 2e-6
+// relative error, several times faster than the out-of-line Sleef call); it does not propagate NaN, so NaN
+// inputs are detected through the max, which does (at::vec::maximum). With m = max_c z:
 //   log_sum_t = log sum_c exp((z_c - m) / T)   -> log p_c at T = (z_c - m) / T - log_sum_t
 //   sum_1 = sum_c exp(z_c - m)         -> cross-entropy at T = 1 (only when asked and T != 1)
 template <typename acc_t>
@@ -174,8 +176,8 @@ inline void sum_exp(const Tile<scalar_t>& t, int64_t C, acc_t inv_t, bool with_s
     for (int64_t i = 0; i < t.len; i += V) {
       if (active && !active[i / V]) continue;
       const auto d = load<acc_t>(t, c, i) - Vec<acc_t>::loadu(s.max + i);
-      (Vec<acc_t>::loadu(s.log_sum_t + i) + (unit_t ? d : d * scale).exp()).store(s.log_sum_t + i);
-      if (with_sum_1 && !unit_t) (Vec<acc_t>::loadu(s.sum_1 + i) + d.exp()).store(s.sum_1 + i);
+      (Vec<acc_t>::loadu(s.log_sum_t + i) + (unit_t ? d : d * scale).exp_u20()).store(s.log_sum_t + i);
+      if (with_sum_1 && !unit_t) (Vec<acc_t>::loadu(s.sum_1 + i) + d.exp_u20()).store(s.sum_1 + i);
     }
   }
   if (unit_t && with_sum_1) std::copy(s.log_sum_t, s.log_sum_t + kTile, s.sum_1);
