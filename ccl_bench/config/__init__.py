@@ -27,7 +27,7 @@ CHOICES = {
 }
 POSITIVE = {"train.iters", "train.eval_interval", "train.checkpoint_interval", "train.log_interval",
             "data.batch_size", "data.eval_batch_size", "optim.cnn.lr", "optim.vit.lr", "data.val_limit"}
-NON_NEGATIVE = {"data.num_workers", "optim.grad_clip", "train.overlays", "optim.cnn.warmup_iters",
+NON_NEGATIVE = {"data.num_workers", "train.cpu_threads", "optim.grad_clip", "train.overlays", "optim.cnn.warmup_iters",
                 "optim.vit.warmup_iters", "optim.cnn.weight_decay", "optim.vit.weight_decay",
                 "optim.cnn.min_lr", "optim.vit.min_lr", "optim.cnn.power", "optim.vit.power"}
 

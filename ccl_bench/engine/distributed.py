@@ -91,6 +91,16 @@ def average_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo) -> N
         offset += g.numel()
 
 
+def broadcast_buffers(modules: Iterable[torch.nn.Module], info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) everywhere, as DDP does before each forward: evaluation
+    and checkpoints then see one model."""
+    if not info.enabled:
+        return
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -34,8 +34,8 @@ from .optim import build_optimizer, build_scheduler
 
 STUDENTS = ("cnn", "vit")  # student A, student B
 # keys that may change when a run is resumed (everything else must match the run's saved config)
-RESUMABLE_CHANGES = {"train.iters", "train.eval_interval", "train.checkpoint_interval", "train.log_interval",
-                     "train.progress", "train.tensorboard", "data.num_workers", "train.overlays"}
+RESUMABLE_CHANGES = {"train.iters", "train.cpu_threads", "train.eval_interval", "train.checkpoint_interval",
+                     "train.log_interval", "train.progress", "train.tensorboard", "data.num_workers", "train.overlays"}
 RUN_FILES = ("config.yaml", "metrics.json", "steps.csv", "evals.csv", "train.log", "overlays.npz",
              "checkpoints", "tensorboard")
 
@@ -59,6 +59,12 @@ class TrainingInterrupted(RuntimeError):
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of dataset item ``index`` in ``epoch`` (independent of ranks and workers)."""
     return (((seed * 1_000_003) + epoch) * 1_000_003 + index) % (2 ** 63)
+
+
+def private_generator(seed: int, stream: int) -> torch.Generator:
+    """A generator for a DataLoader's worker seeds, so that creating a loader leaves the global generator (dropout,
+    views) untouched: a resumed run draws exactly what the uninterrupted one draws."""
+    return torch.Generator().manual_seed(item_seed(seed, stream, 0))
 
 
 class SeededItems(Dataset):
@@ -89,7 +95,8 @@ class HoldoutSlice:
         mine = self.indices[t.dist.rank::t.dist.world_size]
         keys = [(i, item_seed(t.seed, -1, i)) for i in mine]
         loader = DataLoader(SeededItems(t.train_set), batch_size=t.config["data"]["eval_batch_size"],
-                            sampler=keys, num_workers=t.config["data"]["num_workers"])
+                            sampler=keys, num_workers=t.config["data"]["num_workers"],
+                            generator=private_generator(t.seed, -1))
         modes = [m.training for m in t.students]
         for m in t.students:
             m.eval()
@@ -164,12 +171,17 @@ class Trainer:
         main = self.dist.is_main and run_dir is not None
         self.say = Messages(os.path.join(run_dir, "train.log") if main else None, enabled=self.dist.is_main and not quiet)
         train_cfg = config["train"]
+        if train_cfg["cpu_threads"]:
+            torch.set_num_threads(train_cfg["cpu_threads"])
         if train_cfg["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if train_cfg["sync_bn"] and self.device.type != "cuda":
+            raise ValueError("train.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); "
+                             "set train.sync_bn=false")
         amp = train_cfg["amp"] if self.device.type == "cuda" else "off"
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
@@ -252,7 +264,8 @@ class Trainer:
             items = [self.train_indices[p] for p in positions[b * bs:(b + 1) * bs]]
             batches.append([(i, item_seed(self.seed, epoch, i)) for i in items])
         return DataLoader(SeededItems(self.train_set), batch_sampler=batches,
-                          num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda")
+                          num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda",
+                          generator=private_generator(self.seed, epoch))
 
     def batches(self):
         """Endless ``(x, y)`` from the current step on; calls the method's epoch hook at each epoch start."""
@@ -306,8 +319,10 @@ class Trainer:
         n = len(self.val_set) if d["val_limit"] is None else min(d["val_limit"], len(self.val_set))
         mine = list(range(n))[self.dist.rank::self.dist.world_size]
         loader = DataLoader(self.val_set, batch_size=d["eval_batch_size"], sampler=mine,
-                            num_workers=d["num_workers"], pin_memory=self.device.type == "cuda")
+                            num_workers=d["num_workers"], pin_memory=self.device.type == "cuda",
+                            generator=private_generator(self.seed, -2))
         meters = StudentMetrics(self.num_classes, self.ignore_index, self.device)
+        distributed.broadcast_buffers(self.students, self.dist)
         for m in self.students:
             m.eval()
         kept: list[tuple] = []
@@ -359,6 +374,7 @@ class Trainer:
         return os.path.join(self.run_dir, "checkpoints", "last.pt")
 
     def save(self) -> None:
+        distributed.broadcast_buffers([*self.students, self.method], self.dist)
         rng = rng_state()
         if self.dist.enabled:
             states = [None] * self.dist.world_size
