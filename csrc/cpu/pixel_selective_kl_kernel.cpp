@@ -1,11 +1,13 @@
 // CPU kernels of pixel_selective_kl (METHOD.md §1): forward and backward, fused per tile of pixels.
 //
-// Forward, per tile: pass 1 max/argmax of both students, pass 2 their sums of exponentials, then the
-// selection per pixel, then pass 3 (only over vector groups with a selected pixel) the two KL sums. Nothing of
+// Forward, per tile: pass 1 max/argmax of both students, pass 2 their exponentials and sums, then the
+// selection per pixel, then pass 3 (only over vector groups with a selected pixel) the two KL sums from the
+// kept exponentials. Nothing of
 // size N*C*H*W is allocated. Per-tile partial sums are reduced in tile order, so the result does not depend on
 // the number of threads.
 //
-// Backward, per tile with a selected pixel: passes 1 and 2 again, then the gradients
+// Backward, per tile with a selected pixel: passes 1 and 2 again (the exponentials of pass 2 are kept for the
+// tile, so no exponential is computed twice), then the gradients
 // dloss_a/dza = T / n * g_a * [B teaches A] * (p_a - p_b) (and symmetrically for zb), written once.
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
@@ -36,7 +38,7 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
   uint8_t* sel_out = selection.data_ptr<uint8_t>();
 
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-    SoftmaxStats<acc_t> sa, sb;
+    SoftmaxStats<acc_t> sa(C), sb(C);
     alignas(64) int64_t label[kTile];
     alignas(64) acc_t label_f[kTile];
     alignas(64) acc_t kl_ab[kTile], kl_ba[kTile];
@@ -86,7 +88,7 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
       }
       std::copy(sel, sel + len, sel_out + n * HW + p0);
 
-      // Pass 3: with d_s = (z_s - m_s) / T, log p_s = d_s - log(sum_t_s), so
+      // Pass 3: with d_s = (z_s - m_s) / T, log p_s = d_s - log_sum_t_s, so
       // KL(p_a || p_b) = sum_c p_a (d_a - d_b) - log_sum_t_a + log_sum_t_b (centred: accurate for large logits).
       for (int64_t i = 0; i < len; i += V) {
         if (!active[i / V]) continue;
@@ -97,12 +99,11 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t i = 0; i < len; i += V) {
           if (!active[i / V]) continue;
-          const auto log_sa = Vec<acc_t>::loadu(sa.log_sum_t + i), log_sb = Vec<acc_t>::loadu(sb.log_sum_t + i);
           const auto da = (load<acc_t>(ta, c, i) - Vec<acc_t>::loadu(sa.max + i)) * scale;
           const auto db = (load<acc_t>(tb, c, i) - Vec<acc_t>::loadu(sb.max + i)) * scale;
           const auto diff = da - db;
-          (Vec<acc_t>::loadu(kl_ab + i) + (da - log_sa).exp_u20() * diff).store(kl_ab + i);
-          (Vec<acc_t>::loadu(kl_ba + i) - (db - log_sb).exp_u20() * diff).store(kl_ba + i);
+          (Vec<acc_t>::loadu(kl_ab + i) + sa.prob(c, i) * diff).store(kl_ab + i);
+          (Vec<acc_t>::loadu(kl_ba + i) - sb.prob(c, i) * diff).store(kl_ba + i);
         }
       }
       for (int64_t i = 0; i < len; ++i) {
@@ -162,7 +163,7 @@ void selective_kl_backward(const at::Tensor& za, const at::Tensor& zb, const at:
   const uint8_t* sel_in = selection.const_data_ptr<uint8_t>();
 
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-    SoftmaxStats<acc_t> sa, sb;
+    SoftmaxStats<acc_t> sa(C), sb(C);
     int64_t offs_a[kTile], offs_b[kTile];
     alignas(64) acc_t mask_a[kTile], mask_b[kTile];  // coef where the student learns, 0 elsewhere
     bool active[kTile / V];
@@ -194,7 +195,6 @@ void selective_kl_backward(const at::Tensor& za, const at::Tensor& zb, const at:
       max_argmax<acc_t>(tb, C, sb);
       sum_exp<acc_t>(ta, C, inv_t, false, active, sa);
       sum_exp<acc_t>(tb, C, inv_t, false, active, sb);
-      const Vec<acc_t> scale(inv_t);
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t i = 0; i < len; i += V) {
           const int64_t count = std::min(V, len - i);
@@ -203,10 +203,7 @@ void selective_kl_backward(const at::Tensor& za, const at::Tensor& zb, const at:
             if (grad_b) store(grad_b + out0 + c * HW + i, Vec<acc_t>(0), count);
             continue;
           }
-          const auto pa = ((load<acc_t>(ta, c, i) - Vec<acc_t>::loadu(sa.max + i)) * scale -
-                           Vec<acc_t>::loadu(sa.log_sum_t + i)).exp_u20();
-          const auto pb = ((load<acc_t>(tb, c, i) - Vec<acc_t>::loadu(sb.max + i)) * scale -
-                           Vec<acc_t>::loadu(sb.log_sum_t + i)).exp_u20();
+          const auto pa = sa.prob(c, i), pb = sb.prob(c, i);
           // Select, do not multiply, so that an unselected pixel's gradient is exactly 0.
           const Vec<acc_t> zero(0);
           if (grad_a) {

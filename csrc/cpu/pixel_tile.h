@@ -15,6 +15,7 @@
 #include <atomic>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace ccl::cpu {
 
@@ -132,15 +133,24 @@ inline void raise_if_bad_label(const std::atomic<int64_t>& bad, int64_t C, int64
 
 // Softmax statistics of one student over a tile. Exponentials use at::vec's inlined exp_u20 (about 2e-6
 // relative error, several times faster than the out-of-line Sleef call); it does not propagate NaN, so NaN
-// inputs are detected through the max, which does (at::vec::maximum). With m = max_c z:
-//   log_sum_t = log sum_c exp((z_c - m) / T)   -> log p_c at T = (z_c - m) / T - log_sum_t
-//   sum_1 = sum_c exp(z_c - m)         -> cross-entropy at T = 1 (only when asked and T != 1)
+// inputs are detected through the max, which does (at::vec::maximum). With m = max_c z and
+// e_c = exp((z_c - m) / T), the exponentials are kept per tile (C x kTile, L1/L2-resident) so that the passes
+// that need probabilities p_c = e_c * inv_sum_t multiply instead of exponentiating again:
+//   log_sum_t = log sum_c e_c, inv_sum_t = 1 / sum_c e_c   -> log p_c = (z_c - m) / T - log_sum_t
+//   sum_1 = sum_c exp(z_c - m)                              -> cross-entropy at T = 1 (when asked)
 template <typename acc_t>
 struct SoftmaxStats {
+  explicit SoftmaxStats(int64_t C) : exps(static_cast<size_t>(C * kTile)) {}
   alignas(64) acc_t max[kTile];
   alignas(64) acc_t argmax[kTile];  // lowest index among equal maxima, as torch.argmax
   alignas(64) acc_t log_sum_t[kTile];
+  alignas(64) acc_t inv_sum_t[kTile];
   alignas(64) acc_t sum_1[kTile];
+  std::vector<acc_t> exps;  // e_c of pixel i at [c * kTile + i]
+
+  Vec<acc_t> prob(int64_t c, int64_t i) const {
+    return Vec<acc_t>::loadu(exps.data() + c * kTile + i) * Vec<acc_t>::loadu(inv_sum_t + i);
+  }
 };
 
 template <typename acc_t, typename scalar_t>
@@ -167,21 +177,28 @@ inline void sum_exp(const Tile<scalar_t>& t, int64_t C, acc_t inv_t, bool with_s
                     SoftmaxStats<acc_t>& s) {
   constexpr int64_t V = Vec<acc_t>::size();
   const bool unit_t = inv_t == acc_t(1);
+  const Vec<acc_t> zero(0), scale(inv_t);
   for (int64_t i = 0; i < t.len; i += V) {
-    Vec<acc_t>(0).store(s.log_sum_t + i);
-    Vec<acc_t>(0).store(s.sum_1 + i);
+    zero.store(s.inv_sum_t + i);
+    zero.store(s.sum_1 + i);
   }
-  const Vec<acc_t> scale(inv_t);
   for (int64_t c = 0; c < C; ++c) {
+    acc_t* e = s.exps.data() + c * kTile;
     for (int64_t i = 0; i < t.len; i += V) {
       if (active && !active[i / V]) continue;
       const auto d = load<acc_t>(t, c, i) - Vec<acc_t>::loadu(s.max + i);
-      (Vec<acc_t>::loadu(s.log_sum_t + i) + (unit_t ? d : d * scale).exp_u20()).store(s.log_sum_t + i);
+      const auto e_t = (unit_t ? d : d * scale).exp_u20();
+      e_t.store(e + i);
+      (Vec<acc_t>::loadu(s.inv_sum_t + i) + e_t).store(s.inv_sum_t + i);
       if (with_sum_1 && !unit_t) (Vec<acc_t>::loadu(s.sum_1 + i) + d.exp_u20()).store(s.sum_1 + i);
     }
   }
-  if (unit_t && with_sum_1) std::copy(s.log_sum_t, s.log_sum_t + kTile, s.sum_1);
-  for (int64_t i = 0; i < t.len; i += V) Vec<acc_t>::loadu(s.log_sum_t + i).log().store(s.log_sum_t + i);
+  if (unit_t && with_sum_1) std::copy(s.inv_sum_t, s.inv_sum_t + kTile, s.sum_1);
+  for (int64_t i = 0; i < t.len; i += V) {
+    const auto sum = Vec<acc_t>::loadu(s.inv_sum_t + i);
+    sum.log().store(s.log_sum_t + i);
+    sum.reciprocal().store(s.inv_sum_t + i);
+  }
 }
 
 // Cross-entropy at T = 1 of pixel i with label `label` (needs max and sum_1).

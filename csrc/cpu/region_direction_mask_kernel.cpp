@@ -28,7 +28,7 @@ void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor&
   float* score_out = scores.data_ptr<float>();
 
   at::parallel_for(0, N * Hr, 1, [&](int64_t begin, int64_t end) {
-    SoftmaxStats<acc_t> sa, sb;
+    SoftmaxStats<acc_t> sa(C), sb(C);
     alignas(64) int64_t label[kTile];
     alignas(64) acc_t label_f[kTile];
     int64_t offs_a[kTile], offs_b[kTile];
