@@ -42,13 +42,13 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
     alignas(64) int64_t label[kTile];
     alignas(64) acc_t label_f[kTile];
     alignas(64) acc_t kl_ab[kTile], kl_ba[kTile];
-    int64_t offs_a[kTile], offs_b[kTile];
+    std::vector<acc_t> pack_a(C * kTile), pack_b(C * kTile);
     uint8_t sel[kTile];
     bool active[kTile / V];
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / tiles, p0 = (job % tiles) * kTile, len = std::min(kTile, HW - p0);
-      const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, offs_a);
-      const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, offs_b);
+      const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, pack_a.data());
+      const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data());
       TilePartial part;
       part.valid = label_reader(y, n, C, ignore_index, &bad).read(p0, len, label, label_f);
       if (part.valid == 0) {  // nothing to do: ignored pixels never count, whatever their logits
@@ -56,11 +56,11 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
         parts[job] = part;
         continue;
       }
-      max_argmax<acc_t>(ta, C, sa);
-      max_argmax<acc_t>(tb, C, sb);
+      max_argmax(ta, C, sa);
+      max_argmax(tb, C, sb);
       const bool need_ce = rule == Rule::kConfidence;
-      sum_exp<acc_t>(ta, C, inv_t, need_ce, nullptr, sa);
-      sum_exp<acc_t>(tb, C, inv_t, need_ce, nullptr, sb);
+      sum_exp(ta, C, inv_t, need_ce, nullptr, sa);
+      sum_exp(tb, C, inv_t, need_ce, nullptr, sb);
 
       std::fill(active, active + kTile / V, false);
       for (int64_t i = 0; i < len; ++i) {
@@ -99,8 +99,8 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t i = 0; i < len; i += V) {
           if (!active[i / V]) continue;
-          const auto da = (load<acc_t>(ta, c, i) - Vec<acc_t>::loadu(sa.max + i)) * scale;
-          const auto db = (load<acc_t>(tb, c, i) - Vec<acc_t>::loadu(sb.max + i)) * scale;
+          const auto da = (load(ta, c, i) - Vec<acc_t>::loadu(sa.max + i)) * scale;
+          const auto db = (load(tb, c, i) - Vec<acc_t>::loadu(sb.max + i)) * scale;
           const auto diff = da - db;
           (Vec<acc_t>::loadu(kl_ab + i) + sa.prob(c, i) * diff).store(kl_ab + i);
           (Vec<acc_t>::loadu(kl_ba + i) - sb.prob(c, i) * diff).store(kl_ba + i);
@@ -164,7 +164,7 @@ void selective_kl_backward(const at::Tensor& za, const at::Tensor& zb, const at:
 
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     SoftmaxStats<acc_t> sa(C), sb(C);
-    int64_t offs_a[kTile], offs_b[kTile];
+    std::vector<acc_t> pack_a(C * kTile), pack_b(C * kTile);
     alignas(64) acc_t mask_a[kTile], mask_b[kTile];  // coef where the student learns, 0 elsewhere
     bool active[kTile / V];
     for (int64_t job = begin; job < end; ++job) {
@@ -189,12 +189,12 @@ void selective_kl_backward(const at::Tensor& za, const at::Tensor& zb, const at:
         }
         continue;
       }
-      const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, offs_a);
-      const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, offs_b);
-      max_argmax<acc_t>(ta, C, sa);
-      max_argmax<acc_t>(tb, C, sb);
-      sum_exp<acc_t>(ta, C, inv_t, false, active, sa);
-      sum_exp<acc_t>(tb, C, inv_t, false, active, sb);
+      const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, pack_a.data());
+      const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data());
+      max_argmax(ta, C, sa);
+      max_argmax(tb, C, sb);
+      sum_exp(ta, C, inv_t, false, active, sa);
+      sum_exp(tb, C, inv_t, false, active, sb);
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t i = 0; i < len; i += V) {
           const int64_t count = std::min(V, len - i);

@@ -1,11 +1,12 @@
 // Per-pixel softmax statistics over C for a tile of pixels, shared by the CPU kernels.
 //
-// Layout: a tile is a run of up to kTile consecutive pixels (flattened h * W + w) of one sample. For every
-// channel c the tile's logits are loaded as at::vec vectors across pixels (for NCHW this is a contiguous row
-// of the channel plane), so each pass over C streams C short rows per student and the per-pixel statistics
-// stay in small L1-resident arrays. Later passes re-read the tile from L1/L2, not from memory. Tiles whose
-// pixels are not consecutive in memory (channels_last, transposed or sliced inputs) are gathered through a
-// per-tile offset table: slower, but every stride gives the right answer. All offsets are int64.
+// Layout: a tile is a run of up to kTile consecutive pixels (flattened h * W + w) of one sample, seen as C
+// rows of len values in acc_t (float, or double for double inputs). For every channel c the row is loaded as
+// at::vec vectors across pixels, so each pass over C streams C short rows per student and the per-pixel
+// statistics stay in small L1-resident arrays; later passes re-read the tile from L1/L2, not from memory.
+// float/double NCHW rows are read in place. Any other input (float16/bfloat16, channels_last, transposed or
+// sliced strides) is packed once per tile into a C x kTile acc_t buffer, converting each element once and
+// reading it in the order its memory runs. All offsets are int64.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,55 +29,57 @@ using Vec = at::vec::Vectorized<acc_t>;
 template <typename scalar_t>
 struct PlaneView {
   const scalar_t* data;
-  int64_t sC, sH, sW, W;
+  int64_t C, sC, sH, sW, W;
 };
 
 template <typename scalar_t>
 inline PlaneView<scalar_t> plane(const at::Tensor& z, int64_t n) {
-  return {z.const_data_ptr<scalar_t>() + n * z.stride(0), z.stride(1), z.stride(2), z.stride(3), z.size(3)};
+  return {z.const_data_ptr<scalar_t>() + n * z.stride(0), z.size(1), z.stride(1), z.stride(2), z.stride(3),
+          z.size(3)};
 }
 
-template <typename scalar_t>
+// C rows of len consecutive acc_t values: channel c of pixel i is origin[c * sC + i].
+template <typename acc_t>
 struct Tile {
-  const scalar_t* origin;  // the tile's first pixel at channel 0
+  const acc_t* origin;
   int64_t sC;
   int64_t len;
-  const int64_t* offsets;  // offset of pixel i from origin, or nullptr when pixels are consecutive
 };
 
-// Pixel p0 .. p0 + len - 1 of a plane; `offsets` is caller-owned scratch of kTile entries.
-template <typename scalar_t>
-inline Tile<scalar_t> make_tile(const PlaneView<scalar_t>& v, int64_t p0, int64_t len, int64_t* offsets) {
+// Pixels p0 .. p0 + len - 1 of a plane, in place when possible, else packed into `pack` (C * kTile values).
+template <typename acc_t, typename scalar_t>
+inline Tile<acc_t> make_tile(const PlaneView<scalar_t>& v, int64_t p0, int64_t len, acc_t* pack) {
   const int64_t h0 = p0 / v.W, w0 = p0 % v.W;
   const scalar_t* origin = v.data + h0 * v.sH + w0 * v.sW;
-  if (v.sW == 1 && (w0 + len <= v.W || v.sH == v.W)) return {origin, v.sC, len, nullptr};
-  for (int64_t i = 0, h = h0, w = w0; i < len; ++i) {
-    offsets[i] = (h - h0) * v.sH + (w - w0) * v.sW;
-    if (++w == v.W) w = 0, ++h;
-  }
-  return {origin, v.sC, len, offsets};
-}
-
-// Lanes [i, i + Vec::size()) of channel c, converted to acc_t; lanes past the tile's end are zero.
-template <typename acc_t, typename scalar_t>
-inline Vec<acc_t> load(const Tile<scalar_t>& t, int64_t c, int64_t i) {
-  const scalar_t* row = t.origin + c * t.sC;
-  const int64_t count = std::min<int64_t>(Vec<acc_t>::size(), t.len - i);
+  const bool consecutive = v.sW == 1 && (w0 + len <= v.W || v.sH == v.W);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (t.offsets == nullptr) return Vec<acc_t>::loadu(row + i, count);
+    if (consecutive) return {origin, v.sC, len};
   }
-  alignas(64) acc_t buf[Vec<acc_t>::size()] = {};
-  if (t.offsets == nullptr) {
-    for (int64_t k = 0; k < count; ++k) buf[k] = static_cast<acc_t>(row[i + k]);
-  } else {
-    for (int64_t k = 0; k < count; ++k) buf[k] = static_cast<acc_t>(row[t.offsets[i + k]]);
+  if (consecutive) {  // reduced precision NCHW: convert row by row (vectorisable)
+    for (int64_t c = 0; c < v.C; ++c) {
+      const scalar_t* row = origin + c * v.sC;
+      acc_t* out = pack + c * kTile;
+      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<acc_t>(row[i]);
+    }
+  } else {  // pixel by pixel, channels innermost (contiguous for channels_last)
+    for (int64_t i = 0, h = h0, w = w0; i < len; ++i) {
+      const scalar_t* pixel = v.data + h * v.sH + w * v.sW;
+      for (int64_t c = 0; c < v.C; ++c) pack[c * kTile + i] = static_cast<acc_t>(pixel[c * v.sC]);
+      if (++w == v.W) w = 0, ++h;
+    }
   }
-  return Vec<acc_t>::loadu(buf);
+  return {pack, kTile, len};
 }
 
-template <typename acc_t, typename scalar_t>
-inline acc_t load_one(const Tile<scalar_t>& t, int64_t c, int64_t i) {
-  return static_cast<acc_t>(t.origin[c * t.sC + (t.offsets ? t.offsets[i] : i)]);
+// Lanes [i, i + Vec::size()) of channel c; lanes past the tile's end are zero.
+template <typename acc_t>
+inline Vec<acc_t> load(const Tile<acc_t>& t, int64_t c, int64_t i) {
+  return Vec<acc_t>::loadu(t.origin + c * t.sC + i, std::min<int64_t>(Vec<acc_t>::size(), t.len - i));
+}
+
+template <typename acc_t>
+inline acc_t load_one(const Tile<acc_t>& t, int64_t c, int64_t i) {
+  return t.origin[c * t.sC + i];
 }
 
 // Store lanes [0, count) of v to dst (consecutive), converting to scalar_t.
@@ -153,8 +156,8 @@ struct SoftmaxStats {
   }
 };
 
-template <typename acc_t, typename scalar_t>
-inline void max_argmax(const Tile<scalar_t>& t, int64_t C, SoftmaxStats<acc_t>& s) {
+template <typename acc_t>
+inline void max_argmax(const Tile<acc_t>& t, int64_t C, SoftmaxStats<acc_t>& s) {
   constexpr int64_t V = Vec<acc_t>::size();
   for (int64_t i = 0; i < t.len; i += V) {
     Vec<acc_t>(-std::numeric_limits<acc_t>::infinity()).store(s.max + i);
@@ -163,7 +166,7 @@ inline void max_argmax(const Tile<scalar_t>& t, int64_t C, SoftmaxStats<acc_t>& 
   for (int64_t c = 0; c < C; ++c) {
     const Vec<acc_t> index(static_cast<acc_t>(c));
     for (int64_t i = 0; i < t.len; i += V) {
-      const auto z = load<acc_t>(t, c, i);
+      const auto z = load(t, c, i);
       const auto m = Vec<acc_t>::loadu(s.max + i);
       Vec<acc_t>::blendv(Vec<acc_t>::loadu(s.argmax + i), index, z > m).store(s.argmax + i);
       at::vec::maximum(m, z).store(s.max + i);  // propagates NaN
@@ -172,8 +175,8 @@ inline void max_argmax(const Tile<scalar_t>& t, int64_t C, SoftmaxStats<acc_t>& 
 }
 
 // Needs s.max. `active[g]` (per vector group) lets callers skip groups nobody needs; nullptr = all.
-template <typename acc_t, typename scalar_t>
-inline void sum_exp(const Tile<scalar_t>& t, int64_t C, acc_t inv_t, bool with_sum_1, const bool* active,
+template <typename acc_t>
+inline void sum_exp(const Tile<acc_t>& t, int64_t C, acc_t inv_t, bool with_sum_1, const bool* active,
                     SoftmaxStats<acc_t>& s) {
   constexpr int64_t V = Vec<acc_t>::size();
   const bool unit_t = inv_t == acc_t(1);
@@ -186,7 +189,7 @@ inline void sum_exp(const Tile<scalar_t>& t, int64_t C, acc_t inv_t, bool with_s
     acc_t* e = s.exps.data() + c * kTile;
     for (int64_t i = 0; i < t.len; i += V) {
       if (active && !active[i / V]) continue;
-      const auto d = load<acc_t>(t, c, i) - Vec<acc_t>::loadu(s.max + i);
+      const auto d = load(t, c, i) - Vec<acc_t>::loadu(s.max + i);
       const auto e_t = (unit_t ? d : d * scale).exp_u20();
       e_t.store(e + i);
       (Vec<acc_t>::loadu(s.inv_sum_t + i) + e_t).store(s.inv_sum_t + i);
@@ -202,9 +205,9 @@ inline void sum_exp(const Tile<scalar_t>& t, int64_t C, acc_t inv_t, bool with_s
 }
 
 // Cross-entropy at T = 1 of pixel i with label `label` (needs max and sum_1).
-template <typename acc_t, typename scalar_t>
-inline acc_t cross_entropy(const Tile<scalar_t>& t, const SoftmaxStats<acc_t>& s, int64_t i, int64_t label) {
-  return std::log(s.sum_1[i]) - (load_one<acc_t>(t, label, i) - s.max[i]);
+template <typename acc_t>
+inline acc_t cross_entropy(const Tile<acc_t>& t, const SoftmaxStats<acc_t>& s, int64_t i, int64_t label) {
+  return std::log(s.sum_1[i]) - (load_one(t, label, i) - s.max[i]);
 }
 
 // Number of tiles covering `pixels` pixels of one sample.

@@ -31,7 +31,7 @@ void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor&
     SoftmaxStats<acc_t> sa(C), sb(C);
     alignas(64) int64_t label[kTile];
     alignas(64) acc_t label_f[kTile];
-    int64_t offs_a[kTile], offs_b[kTile];
+    std::vector<acc_t> pack_a(C * kTile), pack_b(C * kTile);
     std::vector<acc_t> sum_a(Wr), sum_b(Wr);
     std::vector<int64_t> count(Wr);
     for (int64_t job = begin; job < end; ++job) {
@@ -44,13 +44,13 @@ void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor&
         for (int64_t w0 = 0; w0 < W; w0 += kTile) {
           const int64_t p0 = h * W + w0, len = std::min(kTile, W - w0);
           if (labels.read(p0, len, label, label_f) == 0) continue;
-          const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, offs_a);
-          const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, offs_b);
-          max_argmax<acc_t>(ta, C, sa);
-          max_argmax<acc_t>(tb, C, sb);
+          const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, pack_a.data());
+          const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data());
+          max_argmax(ta, C, sa);
+          max_argmax(tb, C, sb);
           if (score == Score::kCrossEntropy) {
-            sum_exp<acc_t>(ta, C, acc_t(1), true, nullptr, sa);
-            sum_exp<acc_t>(tb, C, acc_t(1), true, nullptr, sb);
+            sum_exp(ta, C, acc_t(1), true, nullptr, sa);
+            sum_exp(tb, C, acc_t(1), true, nullptr, sb);
           }
           for (int64_t i = 0; i < len; ++i) {
             if (label[i] < 0) continue;
