@@ -13,6 +13,11 @@ SHARES = (("pixel_ab", "pixels A→B"), ("pixel_ba", "pixels B→A"), ("region_a
 STUDENTS = (("cnn", "CNN (A)"), ("vit", "ViT (B)"), ("ensemble", "ensemble"))
 
 
+def _legend(ax, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def _pyplot():
     import matplotlib
 
@@ -54,7 +59,7 @@ def plot_miou_curves(runs: pd.DataFrame, path: str) -> str:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mIoU (%)")
-    axes[-1].legend(fontsize=8)
+    _legend(axes[-1], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -78,7 +83,7 @@ def plot_loss_curves(runs: pd.DataFrame, path: str) -> str:
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -106,7 +111,7 @@ def plot_shares(runs: pd.DataFrame, path: str) -> str | None:
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,14 +33,16 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (train.progress=false)")
 
 
-def _load(args, method: str | None, seed: int | None, label: str | None = None, method_options=None) -> dict:
+def _load(args, method: str | None, seed: int | None, label: str | None = None, method_options=None,
+          config_files: list[str] | None = None, preset: str | None = "") -> dict:
     from .config import load_config
 
     direct = {"method": method, "seed": seed, "train.iters": args.iters, "label": label,
               "train.progress": False if args.no_progress else None}
     for key, value in (method_options or {}).items():
         direct[f"methods.{method}.{key}"] = value
-    return load_config(args.preset, args.config, _overrides(args), **direct)
+    return load_config(args.preset if preset == "" else preset,
+                       config_files if config_files is not None else args.config, _overrides(args), **direct)
 
 
 def _fail(command: str, exc: BaseException, code: int = EXIT_BAD_INPUT) -> int:
@@ -67,13 +69,25 @@ def _guarded(command: str, fn):
 # -- train ----------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     def run():
-        from .engine import run_training
+        from .engine import RunDirError, run_training
         from .methods import parse_method_spec
 
         name, options = parse_method_spec(args.method) if args.method else (None, {})
-        config = _load(args, name, args.seed, args.label or (args.method if options else None), options)
+        saved = os.path.join(args.out, "config.yaml")
+        if args.resume and os.path.isfile(saved):
+            # the run's own config, then what this command states explicitly (checked against it on resume)
+            from .config import load_file
+
+            preset = load_file(saved).get("preset")
+            if args.preset and args.preset != preset:
+                raise RunDirError(f"--resume {args.out!r}: the run used --preset {preset!r}, not {args.preset!r}")
+            files = [saved] + ([args.config] if args.config else [])
+            config = _load(args, name, args.seed, args.label or (args.method if options else None), options,
+                           config_files=files, preset=None)
+        else:
+            config = _load(args, name, args.seed, args.label or (args.method if options else None), options)
         metrics = run_training(config, args.out, resume=args.resume, overwrite=args.overwrite)
-        if "miou" in metrics:
+        if "miou" in metrics and int(os.environ.get("RANK", "0")) == 0:
             m = metrics["miou"]
             print(f"{metrics['method']} seed {metrics['seed']} step {metrics['step']}: mIoU cnn {m['cnn']:.4f} "
                   f"vit {m['vit']:.4f} ensemble {m['ensemble']:.4f} -> {os.path.join(args.out, 'metrics.json')}")

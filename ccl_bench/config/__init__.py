@@ -181,16 +181,16 @@ def validate(config: dict) -> dict:
     return config
 
 
-def load_config(preset: str | None = None, config_file: str | None = None,
+def load_config(preset: str | None = None, config_file: str | list[str] | None = None,
                 overrides: Iterable[str] = (), **direct: Any) -> dict:
-    """Defaults <- preset <- config file <- ``direct`` (``{"train.iters": 100}``, None skipped) <- ``--set``
+    """Defaults <- preset <- config file(s) <- ``direct`` (``{"train.iters": 100}``, None skipped) <- ``--set``
     overrides (``"key.sub=value"``); validated."""
     config = defaults()
     if preset:
         config = merge(config, load_preset(preset))
         config["preset"] = preset
-    if config_file:
-        config = merge(config, load_file(config_file))
+    for path in [config_file] if isinstance(config_file, str) else (config_file or []):
+        config = merge(config, load_file(path))
     for key, value in direct.items():
         if value is not None:
             config = set_key(config, key, value)

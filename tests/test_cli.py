@@ -1,0 +1,128 @@
+"""The ``ccl-bench`` command: train, compare, report, export, errors, signals, torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from ccl_bench.cli import main
+
+warnings.filterwarnings("ignore", message="ccl_ops: no compiled kernel")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "tiny", "--set", "train.overlays=0", "train.cpu_threads=1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_train_writes_a_run_directory_and_refuses_to_overwrite_it(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--method", "dml", "--seed", "3", "--iters", "2", "--out", out, *TINY]) == 0
+    assert "dml seed 3 step 2: mIoU cnn" in capsys.readouterr().out
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert (metrics["method"], metrics["seed"], metrics["step"]) == ("dml", 3, 2)
+    assert set(metrics["miou"]) == {"cnn", "vit", "ensemble"}
+    for name in ("config.yaml", "steps.csv", "evals.csv", "train.log", "checkpoints/last.pt"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    saved = open(os.path.join(out, "config.yaml")).read()
+    assert "method: dml" in saved and "iters: 2" in saved and "seed: 3" in saved
+    assert main(["train", "--method", "dml", "--seed", "3", "--iters", "2", "--out", out, *TINY]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    # --resume with a larger budget continues the same run
+    assert main(["train", "--out", out, "--resume", "--iters", "3", *TINY]) == 0
+    assert json.load(open(os.path.join(out, "metrics.json")))["step"] == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "train.iterz=3"], "unknown config key 'train.iterz'; valid keys under train: "),
+    (["--set", "optim.cnn.optimizer=lion"], "optim.cnn.optimizer='lion'; expected one of ['sgd', 'adamw', 'adam']"),
+    (["--method", "mutual"], "method='mutual' is unknown; expected one of ['ccl', 'dml', "),
+    (["--method", "ccl:rule=best"], "rule='best'; expected one of ['correct', 'confidence', 'all']"),
+    (["--preset", "imagenet"], "preset='imagenet' is unknown; expected one of ["),
+    (["--set", "train.iters"], "--set 'train.iters': expected key.sub=value"),
+])
+def test_bad_input_is_rejected_before_training(tmp_path, capsys, argv, message):
+    out = str(tmp_path / "run")
+    assert main(["train", "--out", out, *TINY, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
+
+
+def test_compare_then_report_and_export(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    argv = ["compare", "--methods", "independent,ccl:pbsd=false", "--seeds", "0,1", "--iters", "2", "--out", out,
+            *TINY]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| independent | 2 |" in table and "| ccl:pbsd=false | 2 |" in table and "paired ΔCNN" in table
+    for name in ("table.md", "table.csv", "table.tex", "runs.csv", "plots/miou_curves.png",
+                 "plots/loss_curves.png", "plots/teaching_shares.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert os.path.isfile(os.path.join(out, "ccl_pbsd=false", "seed1", "metrics.json"))
+    # a second compare reuses the finished runs
+    assert main(argv) == 0
+    assert "is complete; reusing it" in capsys.readouterr().err
+    # report over existing runs, into another folder
+    report = str(tmp_path / "report")
+    assert main(["report", out, "--out", report, "--no-plots"]) == 0
+    assert "| ccl:pbsd=false | 2 |" in capsys.readouterr().out
+    assert "\\begin{tabular}" in open(os.path.join(report, "table.tex")).read()
+    # export one student as a plain state dict
+    exported = str(tmp_path / "cnn.pt")
+    assert main(["export", os.path.join(out, "independent", "seed0"), "--student", "cnn", "--out", exported]) == 0
+    state = torch.load(exported, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert main(["export", str(tmp_path), "--student", "cnn", "--out", exported]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "ccl_bench", "train", "--method", "independent", "--iters", "5000", "--out", out,
+           *TINY, "train.log_interval=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    steps = os.path.join(out, "steps.csv")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(steps) and len(open(steps).read().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "interrupted: SIGINT at step" in err and "continue with --resume" in err
+    assert "Traceback" not in err
+    step = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)["step"]
+    assert 2 <= step < 5000
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ccl_bench", "train", "--method", "ccl", "--iters", "2", "--out", out, *TINY,
+           "data.batch_size=2", "train.device=cpu"]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["world_size"] == 2 and metrics["step"] == 2
+    assert result.stdout.count("ccl seed 0 step 2: mIoU") == 1  # rank 0 reports
