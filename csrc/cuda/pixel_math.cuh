@@ -24,6 +24,9 @@
 #include <cstdint>
 #include <limits>
 
+// Functions of the per-pixel arithmetic are host-and-device (the host side serves the CPU emulation test).
+#define CCL_HD __host__ __device__ __forceinline__
+
 #define CCL_ASSERT_LABEL(ok) \
   CUDA_KERNEL_ASSERT((ok) && "ccl: y contains a label value that is neither in [0, C) nor ignore_index")
 
@@ -72,18 +75,22 @@ __device__ __forceinline__ int read_label(const Labels& y, int64_t n, int h, int
   return in_range ? static_cast<int>(v) : -1;
 }
 
-// exp/log in the accumulation type (float: the fast intrinsics under --use_fast_math; double: full precision).
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return ::exp(x); }
-__device__ __forceinline__ float dlog(float x) { return logf(x); }
-__device__ __forceinline__ double dlog(double x) { return ::log(x); }
-__device__ __forceinline__ bool disnan(float x) { return ::isnan(x); }
-__device__ __forceinline__ bool disnan(double x) { return ::isnan(x); }
+// exp/log in the accumulation type. float: expf becomes the __expf intrinsic under --use_fast_math (relative
+// error ~ 2 + 1.2 |x| ulp, and every argument here is <= 0); logf would become __logf, whose absolute error
+// (~4.5e-7 near 1) is too large for cross-entropies of confident pixels (log of sums slightly above 1), so the
+// log goes through log1pf, which fast math leaves exact to ~1 ulp. Every argument of dlog is a sum of
+// exponentials that includes exp(0) = 1, so x - 1 is exact (Sterbenz) where it matters. double: full precision.
+CCL_HD float dexp(float x) { return ::expf(x); }
+CCL_HD double dexp(double x) { return ::exp(x); }
+CCL_HD float dlog(float x) { return ::log1pf(x - 1.0f); }
+CCL_HD double dlog(double x) { return ::log(x); }
+CCL_HD bool disnan(float x) { return x != x; }
+CCL_HD bool disnan(double x) { return x != x; }
 
 // torch.argmax order: a NaN beats any number (the first NaN wins), ties keep the lowest index. Call with
 // c in increasing order; (best, index) start at (z_0, 0).
 template <typename acc_t>
-__device__ __forceinline__ void argmax_step(acc_t v, int c, acc_t& best, int& index) {
+CCL_HD void argmax_step(acc_t v, int c, acc_t& best, int& index) {
   if (v > best || (disnan(v) && !disnan(best))) {
     best = v;
     index = c;
@@ -100,14 +107,14 @@ struct OnlineSoftmax {
   int index;
   acc_t s, s1;
 
-  __device__ __forceinline__ void init(acc_t z0) {
+  CCL_HD void init(acc_t z0) {
     m = z0;
     index = 0;
     s = acc_t(1);
     s1 = acc_t(1);
   }
 
-  __device__ __forceinline__ void step(acc_t v, int c, acc_t inv_t) {
+  CCL_HD void step(acc_t v, int c, acc_t inv_t) {
     if (v > m || (disnan(v) && !disnan(m))) {
       s = s * dexp((m - v) * inv_t) + acc_t(1);
       if (kWithUnitT) s1 = s1 * dexp(m - v) + acc_t(1);
@@ -120,13 +127,27 @@ struct OnlineSoftmax {
   }
 
   // Call once after the last step.
-  __device__ __forceinline__ void finish() {
+  CCL_HD void finish() {
     if (m == -std::numeric_limits<acc_t>::infinity()) {
       s = std::numeric_limits<acc_t>::quiet_NaN();
       s1 = s;
     }
   }
 };
+
+// Score of one valid pixel for one student in region_direction_mask: cross-entropy at T = 1 (score 'ce') or
+// 1/0 for argmax == label (score 'accuracy'); one online pass over C.
+template <typename scalar_t, typename acc_t>
+CCL_HD acc_t pixel_score(const scalar_t* __restrict__ p, int64_t s_c, int C, int label,
+                         bool accuracy) {
+  OnlineSoftmax<acc_t, false> st;
+  st.init(static_cast<acc_t>(p[0]));
+#pragma unroll 4
+  for (int c = 1; c < C; ++c) st.step(static_cast<acc_t>(p[c * s_c]), c, acc_t(1));
+  st.finish();
+  if (accuracy) return st.index == label ? acc_t(1) : acc_t(0);
+  return dlog(st.s) - (static_cast<acc_t>(p[label * s_c]) - st.m);  // -log softmax(z)[label]
+}
 
 // Sum over a warp (fixed shuffle tree: deterministic). All 32 lanes must take part.
 template <typename T>

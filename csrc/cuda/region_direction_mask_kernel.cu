@@ -22,19 +22,6 @@
 namespace ccl::cuda {
 namespace {
 
-// Score of one valid pixel for one student: cross-entropy (score 'ce') or 1/0 for argmax == label.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t pixel_score(const scalar_t* __restrict__ p, int64_t s_c, int C, int label,
-                                             bool accuracy) {
-  OnlineSoftmax<acc_t, false> st;
-  st.init(static_cast<acc_t>(p[0]));
-#pragma unroll 4
-  for (int c = 1; c < C; ++c) st.step(static_cast<acc_t>(p[c * s_c]), c, acc_t(1));
-  st.finish();
-  if (accuracy) return st.index == label ? acc_t(1) : acc_t(0);
-  return dlog(st.s) - (static_cast<acc_t>(p[label * s_c]) - st.m);  // -log softmax(z)[label]
-}
-
 // Grid: one block per region, x = (n * Hr + ry) * Wr + rx.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
