@@ -15,11 +15,13 @@ LOSS_TOL = {
     torch.float16: dict(rtol=2e-5, atol=2e-6),
     torch.bfloat16: dict(rtol=2e-5, atol=2e-6),
 }
+# Gradient atol is relative to the largest reference gradient (T / n * |g| sets their scale): the kernels'
+# vectorised exp has about 2e-6 relative error.
 GRAD_TOL = {
     torch.float64: dict(rtol=1e-9, atol=1e-12),
-    torch.float32: dict(rtol=2e-5, atol=1e-8),
-    torch.float16: dict(rtol=2e-3, atol=1e-7),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-6),
+    torch.float32: dict(rtol=2e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=8e-3),
 }
 SCORE_TOL = {dtype: dict(rtol=2e-5, atol=2e-5) for dtype in DTYPES}
 

@@ -145,7 +145,7 @@ template <typename acc_t>
 struct SoftmaxStats {
   explicit SoftmaxStats(int64_t C) : exps(static_cast<size_t>(C * kTile)) {}
   alignas(64) acc_t max[kTile];
-  alignas(64) acc_t argmax[kTile];  // lowest index among equal maxima, as torch.argmax
+  alignas(64) acc_t argmax[kTile];  // lowest index among equal maxima (NaN counts as the maximum), as torch.argmax
   alignas(64) acc_t log_sum_t[kTile];
   alignas(64) acc_t inv_sum_t[kTile];
   alignas(64) acc_t sum_1[kTile];
@@ -168,7 +168,9 @@ inline void max_argmax(const Tile<acc_t>& t, int64_t C, SoftmaxStats<acc_t>& s) 
     for (int64_t i = 0; i < t.len; i += V) {
       const auto z = load(t, c, i);
       const auto m = Vec<acc_t>::loadu(s.max + i);
-      Vec<acc_t>::blendv(Vec<acc_t>::loadu(s.argmax + i), index, z > m).store(s.argmax + i);
+      // As torch.argmax: the first strictly greater value, or the first NaN (z != z) while m is not NaN.
+      const auto take = (z > m) | ((z != z) & (m == m));
+      Vec<acc_t>::blendv(Vec<acc_t>::loadu(s.argmax + i), index, take).store(s.argmax + i);
       at::vec::maximum(m, z).store(s.max + i);  // propagates NaN
     }
   }
