@@ -70,3 +70,18 @@ def check_label_values(y: torch.Tensor, num_classes: int, ignore_index: int) -> 
         raise ValueError(
             f"y contains label value {value}, which is neither in [0, {num_classes}) nor ignore_index={ignore_index}"
         )
+
+
+def check_kl_call(za, zb, y, temperature, rule: str, normalize: str) -> float:
+    """All metadata checks of pixel_selective_kl; returns the temperature as a float."""
+    check_inputs(za, zb, y)
+    check_choice("rule", rule, RULES)
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    return check_temperature(temperature)
+
+
+def check_region_call(za, zb, y, region, score: str) -> tuple[int, int]:
+    """All metadata checks of region_direction_mask; returns the region size (rh, rw)."""
+    check_inputs(za, zb, y)
+    check_choice("score", score, SCORES)
+    return check_region(region)

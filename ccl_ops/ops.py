@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from . import reference
-from ._validate import NORMALIZATIONS, RULES, SCORES, check_choice, check_inputs, check_region, check_temperature
+from ._validate import check_kl_call, check_region_call
 from .reference import RegionMask, SelectiveKL
 
 try:
@@ -72,10 +72,7 @@ def pixel_selective_kl(
     ignore_index: int = 255,
 ) -> SelectiveKL:
     """Pixel-wise selective KL, METHOD.md §1 (see :func:`ccl_ops.reference.pixel_selective_kl`)."""
-    check_inputs(za, zb, y)
-    t = check_temperature(temperature)
-    check_choice("rule", rule, RULES)
-    check_choice("normalize", normalize, NORMALIZATIONS)
+    t = check_kl_call(za, zb, y, temperature, rule, normalize)
     if not _use_kernel(za.device):
         return reference.pixel_selective_kl(
             za, zb, y, temperature=t, rule=rule, normalize=normalize, ignore_index=ignore_index
@@ -96,9 +93,7 @@ def region_direction_mask(
     ignore_index: int = 255,
 ) -> RegionMask:
     """Region direction masks, METHOD.md §2 (see :func:`ccl_ops.reference.region_direction_mask`)."""
-    check_inputs(za, zb, y)
-    rh, rw = check_region(region)
-    check_choice("score", score, SCORES)
+    rh, rw = check_region_call(za, zb, y, region, score)
     if not _use_kernel(za.device):
         return reference.region_direction_mask(za, zb, y, region=(rh, rw), score=score, ignore_index=ignore_index)
     direction, scores = torch.ops.ccl.region_direction_mask(za, zb, y, rh, rw, score, int(ignore_index))

@@ -11,16 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._validate import (
-    NORMALIZATIONS,
-    RULES,
-    SCORES,
-    check_choice,
-    check_inputs,
-    check_label_values,
-    check_region,
-    check_temperature,
-)
+from ._validate import check_kl_call, check_label_values, check_region_call
 
 
 class SelectiveKL(NamedTuple):
@@ -98,10 +89,7 @@ def pixel_selective_kl(
     ``"confidence"`` (the teacher's cross-entropy is strictly lower) or ``"all"`` (both directions at every valid
     pixel: DML). ``normalize`` divides by the number of valid (``"valid"``) or selected (``"selected"``) pixels.
     """
-    check_inputs(za, zb, y)
-    t = check_temperature(temperature)
-    check_choice("rule", rule, RULES)
-    check_choice("normalize", normalize, NORMALIZATIONS)
+    t = check_kl_call(za, zb, y, temperature, rule, normalize)
     if not torch.compiler.is_compiling():
         check_label_values(y, za.shape[1], ignore_index)
     return pixel_selective_kl_math(za, zb, y, t, rule, normalize, int(ignore_index))
@@ -143,9 +131,7 @@ def region_direction_mask(
     ignore_index: int = 255,
 ) -> RegionMask:
     """Region direction masks (METHOD.md §2): which student teaches each ``rh x rw`` region of the label grid."""
-    check_inputs(za, zb, y)
-    rh, rw = check_region(region)
-    check_choice("score", score, SCORES)
+    rh, rw = check_region_call(za, zb, y, region, score)
     if not torch.compiler.is_compiling():
         check_label_values(y, za.shape[1], ignore_index)
     return region_direction_mask_math(za, zb, y, rh, rw, score, int(ignore_index))
