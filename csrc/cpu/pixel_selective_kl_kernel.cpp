@@ -225,20 +225,14 @@ std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cpu(const at::Ten
                                                                    const at::Tensor& za, const at::Tensor& zb,
                                                                    const at::Tensor& selection, const at::Tensor& norm,
                                                                    double temperature, std::array<bool, 2> mask) {
-  TORCH_CHECK(za.dim() == 4 && zb.sizes() == za.sizes() && zb.scalar_type() == za.scalar_type(),
-              "za and zb must be 4-D with one shape and dtype, got ", za.sizes(), " ", za.scalar_type(), " and ",
-              zb.sizes(), " ", zb.scalar_type());
-  TORCH_CHECK(selection.scalar_type() == at::kByte && selection.dim() == 3 && selection.size(0) == za.size(0) &&
-                  selection.size(1) == za.size(2) && selection.size(2) == za.size(3),
-              "selection must be uint8 (N, H, W) from pixel_selective_kl, got ", selection.scalar_type(), " ",
-              selection.sizes());
+  check_backward_inputs(za, zb, selection);
   check_temperature(temperature);
   const auto sel = selection.contiguous();
   // dloss/dz = T^2 / n * (p - q) / T * g.  Scalars are read on the host here: a CPU kernel has nothing to sync.
   const double base = temperature / norm.item<double>();
   const double coef_a = base * grad_loss_a.item<double>(), coef_b = base * grad_loss_b.item<double>();
-  at::Tensor grad_za = mask[0] ? at::empty(za.sizes(), za.options()) : at::empty({0}, za.options());
-  at::Tensor grad_zb = mask[1] ? at::empty(zb.sizes(), zb.options()) : at::empty({0}, zb.options());
+  at::Tensor grad_za, grad_zb;
+  std::tie(grad_za, grad_zb) = empty_gradients(za, zb, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "pixel_selective_kl_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     selective_kl_backward<scalar_t, acc_t>(za, zb, sel, static_cast<acc_t>(temperature), static_cast<acc_t>(coef_a),

@@ -248,14 +248,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cuda(const at::Te
                                                                     const at::Tensor& za, const at::Tensor& zb,
                                                                     const at::Tensor& selection, const at::Tensor& norm,
                                                                     double temperature, std::array<bool, 2> mask) {
-  TORCH_CHECK(za.dim() == 4 && zb.sizes() == za.sizes() && zb.scalar_type() == za.scalar_type(),
-              "za and zb must be 4-D with one shape and dtype, got ", za.sizes(), " ", za.scalar_type(), " and ",
-              zb.sizes(), " ", zb.scalar_type());
-  TORCH_CHECK(at::isFloatingType(za.scalar_type()), "za must be floating point, got ", za.scalar_type());
-  TORCH_CHECK(selection.scalar_type() == at::kByte && selection.dim() == 3 && selection.size(0) == za.size(0) &&
-                  selection.size(1) == za.size(2) && selection.size(2) == za.size(3),
-              "selection must be uint8 (N, H, W) from pixel_selective_kl, got ", selection.scalar_type(), " ",
-              selection.sizes());
+  check_backward_inputs(za, zb, selection);
   TORCH_CHECK(za.is_cuda() && zb.device() == za.device() && selection.device() == za.device(),
               "pixel_selective_kl_backward (CUDA): za, zb and selection must be on one CUDA device, got ",
               za.device(), ", ", zb.device(), ", ", selection.device());
@@ -268,8 +261,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cuda(const at::Te
   const at::Tensor g_b = device_scalar(grad_loss_b, za, acc_type, "grad_loss_b");
   const at::Tensor n = device_scalar(norm, za, acc_type, "norm");
   const at::Tensor sel = selection.contiguous();
-  at::Tensor grad_za = mask[0] ? at::empty(za.sizes(), za.options()) : at::empty({0}, za.options());
-  at::Tensor grad_zb = mask[1] ? at::empty(zb.sizes(), zb.options()) : at::empty({0}, zb.options());
+  at::Tensor grad_za, grad_zb;
+  std::tie(grad_za, grad_zb) = empty_gradients(za, zb, mask);
   if (!(mask[0] || mask[1]) || N == 0 || HW == 0) return {grad_za, grad_zb};
   const dim3 grid = pixel_grid(N, HW);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

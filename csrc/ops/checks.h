@@ -3,7 +3,9 @@
 // of torch.ops.ccl.*.
 #pragma once
 #include <ATen/ATen.h>
+#include <array>
 #include <string>
+#include <tuple>
 
 namespace ccl {
 
@@ -49,6 +51,25 @@ inline void check_logits_and_labels(const at::Tensor& za, const at::Tensor& zb, 
   TORCH_CHECK(zb.device() == za.device() && y.device() == za.device(),
               "za, zb and y must be on one device, got ", za.device(), ", ", zb.device(), ", ", y.device());
   TORCH_CHECK(za.size(1) >= 1, "za must have at least one channel, got C = ", za.size(1));
+}
+
+// Arguments of pixel_selective_kl_backward: logits as in the forward and the forward's selection mask.
+inline void check_backward_inputs(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& selection) {
+  TORCH_CHECK(za.dim() == 4 && zb.sizes() == za.sizes() && zb.scalar_type() == za.scalar_type(),
+              "za and zb must be 4-D with one shape and dtype, got ", za.sizes(), " ", za.scalar_type(), " and ",
+              zb.sizes(), " ", zb.scalar_type());
+  TORCH_CHECK(at::isFloatingType(za.scalar_type()), "za must be floating point, got ", za.scalar_type());
+  TORCH_CHECK(selection.scalar_type() == at::kByte && selection.dim() == 3 && selection.size(0) == za.size(0) &&
+                  selection.size(1) == za.size(2) && selection.size(2) == za.size(3),
+              "selection must be uint8 (N, H, W) from pixel_selective_kl, got ", selection.scalar_type(), " ",
+              selection.sizes());
+}
+
+// The gradient outputs of pixel_selective_kl_backward: contiguous NCHW, or empty where output_mask is false.
+inline std::tuple<at::Tensor, at::Tensor> empty_gradients(const at::Tensor& za, const at::Tensor& zb,
+                                                         std::array<bool, 2> mask) {
+  return {mask[0] ? at::empty(za.sizes(), za.options()) : at::empty({0}, za.options()),
+          mask[1] ? at::empty(zb.sizes(), zb.options()) : at::empty({0}, zb.options())};
 }
 
 inline void check_temperature(double temperature) {
