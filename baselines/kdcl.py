@@ -57,7 +57,6 @@ def _target(y: torch.Tensor, ignore_index: int) -> torch.Tensor:
 class KDCLNaive(KDCL):
     name = "kdcl-naive"
     description = "KDCL-Naive (per-pixel adaptation): teacher = the student with the lower CE at each pixel"
-    defaults = dict(KDCL.defaults)
 
     def teacher(self, za, zb, y):
         # B teaches where its CE is strictly lower (the "confidence" selection of ccl_ops), A elsewhere.
@@ -99,7 +98,6 @@ def linear_alpha(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor, ignore_ind
 class KDCLLinear(KDCL):
     name = "kdcl-linear"
     description = "KDCL-Linear (per-pixel adaptation): teacher = alpha za + (1 - alpha) zb, alpha minimising the batch CE"
-    defaults = dict(KDCL.defaults)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -120,7 +118,6 @@ class KDCLLinear(KDCL):
 class KDCLMinLogit(KDCL):
     name = "kdcl-minlogit"
     description = "KDCL-MinLogit (per-pixel adaptation): zt^j = min_s (z_s^j - z_s^y)"
-    defaults = dict(KDCL.defaults)
 
     def teacher(self, za, zb, y):
         index = _target(y, self.ignore_index)[:, None]

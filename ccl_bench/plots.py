@@ -18,6 +18,21 @@ def _legend(ax, **kwargs) -> None:
         ax.legend(**kwargs)
 
 
+def _finish(fig, axes, path: str, ylim=None) -> str:
+    """Common axes dressing, then save and close."""
+    plt = _pyplot()
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ylim:
+            ax.set_ylim(*ylim)
+        _legend(ax, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _pyplot():
     import matplotlib
 
@@ -55,15 +70,8 @@ def plot_miou_curves(runs: pd.DataFrame, path: str) -> str:
             if curve is not None:
                 ax.plot(curve.index, 100 * curve.values, marker="o", label=method)
                 ax.set_title(f"{title} mIoU (mean over seeds)")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
     axes[0].set_ylabel("mIoU (%)")
-    _legend(axes[-1], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, axes, path)
 
 
 def plot_loss_curves(runs: pd.DataFrame, path: str) -> str:
@@ -80,14 +88,7 @@ def plot_loss_curves(runs: pd.DataFrame, path: str) -> str:
                 axes[1].plot(series.index, series.values, style, label=f"{method} CE {who}")
     axes[0].set_title("total loss")
     axes[1].set_title("cross-entropy of each student")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        _legend(ax, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, axes, path)
 
 
 def plot_shares(runs: pd.DataFrame, path: str) -> str | None:
@@ -107,15 +108,7 @@ def plot_shares(runs: pd.DataFrame, path: str) -> str | None:
         return None
     axes[0].set_title("pixel-wise BSD: share of valid pixels taught")
     axes[1].set_title("region-wise BSD: share of regions taught")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        _legend(ax, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, axes, path, ylim=(0, 1))
 
 
 def _direction_rgb(direction: np.ndarray) -> np.ndarray:

@@ -58,16 +58,18 @@ def load_runs(paths: Iterable[str], complete_only: bool = False) -> pd.DataFrame
     return df
 
 
-def _order(methods: Sequence[str], baseline: str) -> list[str]:
+def _order(methods: Sequence[str], baseline: str, order: Sequence[str] = ()) -> list[str]:
+    """The baseline, then the methods of ``order`` (e.g. compare's --methods), then the others as found."""
     unique = list(dict.fromkeys(methods))
-    return ([baseline] if baseline in unique else []) + [m for m in unique if m != baseline]
+    ranked = [m for m in order if m in unique] + [m for m in unique if m not in order]
+    return ([baseline] if baseline in unique else []) + [m for m in ranked if m != baseline]
 
 
-def summarize(df: pd.DataFrame, baseline: str = "independent") -> pd.DataFrame:
+def summarize(df: pd.DataFrame, baseline: str = "independent", order: Sequence[str] = ()) -> pd.DataFrame:
     """Numeric summary (fractions): per method and student, mean, std, n, delta and the paired differences."""
     out = []
     base = df[df["method"] == baseline].set_index("seed")
-    for method in _order(df["method"], baseline):
+    for method in _order(df["method"], baseline, order):
         runs = df[df["method"] == method].set_index("seed").sort_index()
         row = {"method": method, "seeds": len(runs), "seed_list": ",".join(map(str, runs.index))}
         for key, _ in STUDENT_COLUMNS:
@@ -142,13 +144,13 @@ def to_latex(table: pd.DataFrame, baseline: str = "independent") -> str:
 
 
 def write_report(paths: Sequence[str], out: str, baseline: str = "independent", plots: bool = True,
-                 complete_only: bool = False) -> dict[str, str]:
+                 complete_only: bool = False, order: Sequence[str] = ()) -> dict[str, str]:
     """Write ``table.md``, ``table.csv`` (numeric, fractions), ``table.tex``, ``runs.csv`` and plots into
     ``out``; return the paths written."""
     df = load_runs(paths, complete_only=complete_only)
     if df.empty:
         raise ValueError(f"report: no run (metrics.json) found under {list(paths)}")
-    summary = summarize(df, baseline)
+    summary = summarize(df, baseline, order)
     table = display_table(summary, baseline)
     os.makedirs(out, exist_ok=True)
     written = {"markdown": os.path.join(out, "table.md"), "csv": os.path.join(out, "table.csv"),

@@ -135,7 +135,8 @@ def cmd_compare(args) -> int:
         finally:
             distributed.teardown(info)
         if info.is_main:
-            written = write_report([args.out], args.out, baseline=args.baseline, plots=not args.no_plots)
+            written = write_report([args.out], args.out, baseline=args.baseline, plots=not args.no_plots,
+                                   order=specs)
             with open(written["markdown"]) as f:
                 print(f.read())
             print(f"compare: {len(configs)} runs in {time.perf_counter() - start:.0f} s; tables and plots in "

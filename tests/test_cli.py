@@ -16,15 +16,8 @@ from ccl_bench.cli import main
 
 warnings.filterwarnings("ignore", message="ccl_ops: no compiled kernel")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# one OpenMP thread: two spin against each other on a loaded 2-core machine
 TINY = ["--preset", "tiny", "--set", "train.overlays=0", "train.cpu_threads=1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _env():
@@ -126,3 +119,31 @@ def test_torchrun_two_cpu_processes(tmp_path):
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["world_size"] == 2 and metrics["step"] == 2
     assert result.stdout.count("ccl seed 0 step 2: mIoU") == 1  # rank 0 reports
+
+
+def test_report_aggregates_metrics_json_of_any_tool(tmp_path, capsys):
+    values = {("independent", 0): 0.50, ("independent", 1): 0.54, ("dml", 0): 0.53, ("dml", 1): 0.56,
+              ("kdcl-naive", 1): 0.40}
+    for (method, seed), cnn in values.items():
+        run = tmp_path / "runs" / f"{method}-{seed}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(
+            {"method": method, "seed": seed, "step": 10, "miou": {"cnn": cnn, "vit": cnn / 2, "ensemble": cnn + 0.01}}))
+    from ccl_bench.report import load_runs, summarize
+
+    summary = summarize(load_runs([str(tmp_path / "runs")])).set_index("method")
+    assert list(summary.index) == ["independent", "dml", "kdcl-naive"]
+    assert summary.loc["dml", "cnn_mean"] == pytest.approx(0.545)
+    assert summary.loc["dml", "cnn_std"] == pytest.approx(0.0212132, abs=1e-6)
+    assert summary.loc["dml", "cnn_delta"] == pytest.approx(0.545 - 0.52)
+    assert summary.loc["dml", "cnn_paired_mean"] == pytest.approx(0.025)  # (0.03 + 0.02) / 2
+    assert summary.loc["dml", "cnn_paired_std"] == pytest.approx(0.0070711, abs=1e-6)
+    assert summary.loc["kdcl-naive", "cnn_pairs"] == 1  # paired on seed 1 only
+    assert summary.loc["kdcl-naive", "cnn_paired_mean"] == pytest.approx(-0.14)
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    table = capsys.readouterr().out
+    assert "| dml | 2 | 54.50 ± 2.12 |" in table and "+2.50 ± 0.71" in table
+    assert "| kdcl-naive † | 1 |" in table and "per-pixel KDCL is our adaptation" in table
+    (tmp_path / "runs" / "dml-0" / "metrics.json").write_text(json.dumps({"method": "dml"}))
+    assert main(["report", str(tmp_path / "runs"), "--no-plots"]) == 2
+    assert "lacks ['seed', 'step', 'miou']" in capsys.readouterr().err

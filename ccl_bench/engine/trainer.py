@@ -554,6 +554,7 @@ def run_training(config: dict, run_dir: str, resume: bool = False, overwrite: bo
                  quiet: bool = False) -> dict:
     """Train one run into ``run_dir`` (rank 0 writes it); returns its metrics. Works under ``torchrun``."""
     info = distributed.setup(config["train"]["device"])
+    threads = torch.get_num_threads()  # train.cpu_threads applies to this run only
     try:
         config, checkpoint = prepare_run_dir(run_dir, config, resume, overwrite)
         distributed.barrier(info)
@@ -575,4 +576,5 @@ def run_training(config: dict, run_dir: str, resume: bool = False, overwrite: bo
                 return json.load(f)
         return trainer.fit()
     finally:
+        torch.set_num_threads(threads)
         distributed.teardown(info)
