@@ -60,6 +60,9 @@ def _guarded(command: str, fn):
     except TrainingInterrupted as exc:
         print(f"ccl-bench {command}: interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: no checkpoint
+        print(f"ccl-bench {command}: interrupted (no checkpoint written by this interruption)", file=sys.stderr)
+        return 130
     except NonFiniteLossError as exc:
         return _fail(command, exc, EXIT_NON_FINITE)
     except (ConfigError, RunDirError, CheckpointError, ValueError, FileNotFoundError) as exc:

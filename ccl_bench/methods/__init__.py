@@ -1,4 +1,20 @@
-"""Co-training methods: the proposed ``ccl`` and the baselines of :mod:`baselines`, one registry by name."""
+"""Co-training methods: the proposed ``ccl`` and the baselines of :mod:`baselines`, one registry by name.
+
+A method gets both students' logits (at the label resolution) and encoder features, returns named, weighted
+loss terms (the engine sums and logs them) and detached diagnostics (teaching shares). Our readings of
+METHOD.md where it leaves a choice, all configurable through the method's options:
+
+* ``ccl`` HFD: Gamma = 1x1 conv + bilinear resize to the other student's stage-1 grid; the borrowed stage 2 runs
+  with detached weights and untouched BatchNorm statistics (``run_stage(frozen=True)``); MSE in float32; the
+  Gammas train with their source student's optimizer. Region-wise BSD: :class:`ccl_ops.RegionBSDLoss`
+  (projection width ``rbsd_dim``, common grid = the finer feature grid); ``proj_a`` trains with A, ``proj_b``
+  with B. Pixel-wise BSD: :class:`ccl_ops.PixelBSDLoss` (``rule``, ``normalize``, ``temperature``).
+* ``kdcl-*`` are per-pixel adaptations of a classification method. Naive: ties go to A. Linear: ``alpha`` per
+  batch (per process under DDP). General: the held-out slice (``holdout`` of the training set, drawn with the
+  run's seed) is removed from this method's training data; errors use the temperature-softened probabilities;
+  ``ridge`` regularises the 2x2 covariance. Invariant mode: each student gets its own photometric gain and
+  shift (geometric augmentations would misalign the per-pixel teacher).
+"""
 from .base import Method, MethodOutput, StudentOutput
 from .registry import METHODS, build_method, method_class, method_names, parse_method_spec, register
 
