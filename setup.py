@@ -33,13 +33,15 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    # The C++ standard is the one torch.utils.cpp_extension picks for this torch. at::parallel_for is a header
+    # template over OpenMP: without -fopenmp here it silently runs on one thread.
+    cxx = ["-O3", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec's AVX2 path (Sleef exp/log, exported by libtorch_cpu); the binary then needs an AVX2 CPU.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if not (_want_cuda() and _sources("csrc/cuda/*.cu")):
         print("ccl_ops: building the C++ (CPU) kernels only")
-        return CppExtension("ccl_ops._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("ccl_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
         # No GPU to ask: build for Ampere and Hopper instead of every architecture torch knows.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -49,6 +51,7 @@ def _extension():
         "ccl_ops._C",
         sources + _sources("csrc/cuda/*.cu"),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
     )
 
 
