@@ -47,7 +47,6 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
     alignas(64) acc_t label_f[kTile];
     alignas(64) acc_t kl_ab[kTile], kl_ba[kTile];
     std::vector<acc_t> pack_a(C * kTile), pack_b(C * kTile);
-    uint8_t sel[kTile];
     bool active[kTile / V];
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / tiles, p0 = (job % tiles) * kTile, len = std::min(kTile, HW - p0);
@@ -67,6 +66,7 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
       sum_exp(tb, C, inv_t, need_ce, nullptr, sb);
 
       std::fill(active, active + kTile / V, false);
+      uint8_t* sel = sel_out + n * HW + p0;  // written in place, read back by pass 3
       for (int64_t i = 0; i < len; ++i) {
         uint8_t bits = 0;
         if (label[i] >= 0) {
@@ -90,7 +90,6 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
         sel[i] = bits;
         active[i / V] = active[i / V] || bits != 0;
       }
-      std::copy(sel, sel + len, sel_out + n * HW + p0);
 
       // Pass 3: with d_s = (z_s - m_s) / T, log p_s = d_s - log_sum_t_s, so
       // KL(p_a || p_b) = sum_c p_a (d_a - d_b) - log_sum_t_a + log_sum_t_b (centred: accurate for large logits).

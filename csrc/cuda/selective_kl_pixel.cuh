@@ -37,12 +37,10 @@ CCL_HD void kl_terms(uint8_t bits, acc_t w_a, acc_t s_a, acc_t w_b, acc_t s_b,
 }
 
 // C <= CMAX: both students' logits in registers, each read once.
+// Both students' C logits of one pixel into registers (channels past C are zero and never used).
 template <typename scalar_t, typename acc_t, int CMAX>
-CCL_HD uint8_t forward_pixel_registers(const scalar_t* __restrict__ pa, int64_t sa_c,
-                                       const scalar_t* __restrict__ pb, int64_t sb_c, int C,
-                                       int label, acc_t inv_t, Rule rule, acc_t& term_ab,
-                                       acc_t& term_ba) {
-  acc_t a[CMAX], b[CMAX];
+CCL_HD void load_pixel_registers(const scalar_t* __restrict__ pa, int64_t sa_c, const scalar_t* __restrict__ pb,
+                                 int64_t sb_c, int C, acc_t (&a)[CMAX], acc_t (&b)[CMAX]) {
 #pragma unroll
   for (int c = 0; c < CMAX; ++c) {
     if (c < C) {
@@ -52,6 +50,15 @@ CCL_HD uint8_t forward_pixel_registers(const scalar_t* __restrict__ pa, int64_t 
       a[c] = b[c] = acc_t(0);
     }
   }
+}
+
+template <typename scalar_t, typename acc_t, int CMAX>
+CCL_HD uint8_t forward_pixel_registers(const scalar_t* __restrict__ pa, int64_t sa_c,
+                                       const scalar_t* __restrict__ pb, int64_t sb_c, int C,
+                                       int label, acc_t inv_t, Rule rule, acc_t& term_ab,
+                                       acc_t& term_ba) {
+  acc_t a[CMAX], b[CMAX];
+  load_pixel_registers<scalar_t, acc_t, CMAX>(pa, sa_c, pb, sb_c, C, a, b);
   acc_t ma = a[0], mb = b[0], ya = a[0], yb = b[0];
   int ia = 0, ib = 0;
 #pragma unroll
@@ -156,15 +163,7 @@ CCL_HD void backward_pixel_registers(const scalar_t* __restrict__ pa, int64_t sa
                                      scalar_t* __restrict__ gb, int64_t out, int64_t out_c,
                                      bool learn_a, bool learn_b, acc_t coef_a, acc_t coef_b) {
   acc_t a[CMAX], b[CMAX];
-#pragma unroll
-  for (int c = 0; c < CMAX; ++c) {
-    if (c < C) {
-      a[c] = static_cast<acc_t>(pa[c * sa_c]);
-      b[c] = static_cast<acc_t>(pb[c * sb_c]);
-    } else {
-      a[c] = b[c] = acc_t(0);
-    }
-  }
+  load_pixel_registers<scalar_t, acc_t, CMAX>(pa, sa_c, pb, sb_c, C, a, b);
   acc_t ma = a[0], mb = b[0];
   int ia = 0, ib = 0;
 #pragma unroll
