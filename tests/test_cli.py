@@ -147,3 +147,35 @@ def test_report_aggregates_metrics_json_of_any_tool(tmp_path, capsys):
     (tmp_path / "runs" / "dml-0" / "metrics.json").write_text(json.dumps({"method": "dml"}))
     assert main(["report", str(tmp_path / "runs"), "--no-plots"]) == 2
     assert "lacks ['seed', 'step', 'miou']" in capsys.readouterr().err
+
+
+def test_method_lists_keep_yaml_lists_whole():
+    from ccl_bench.train_cli import _split
+
+    assert _split("ccl:region=[8,8],dml, ccl:hfd=false:rbsd=false,") == [
+        "ccl:region=[8,8]", "dml", "ccl:hfd=false:rbsd=false"]
+
+
+def test_report_order_lists_methods_first(tmp_path, capsys):
+    for method in ("independent", "ccl", "dml"):
+        run = tmp_path / method
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps(
+            {"method": method, "seed": 0, "step": 1, "miou": {"cnn": 0.5, "vit": 0.4, "ensemble": 0.6}}))
+    out = str(tmp_path / "out")
+    assert main(["report", str(tmp_path), "--out", out, "--no-plots", "--order", "dml,ccl"]) == 0
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["independent", "dml", "ccl"]  # header first, then the baseline, then --order
+
+
+def test_overhead_writes_its_table(tmp_path, capsys):
+    out = str(tmp_path / "cost.csv")
+    assert main(["overhead", "--methods", "independent,ccl", "--steps", "1", "--warmup", "0", "--out", out,
+                 *TINY]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert list(table["method"]) == ["independent", "ccl"]
+    assert table.loc[0, "extra_share"] == 0 and table.loc[0, "x_vs_independent"] == 1
+    assert (table["ms_per_step"] > 0).all()
+    assert "extra_share" in capsys.readouterr().out
