@@ -5,22 +5,22 @@
 # checkpoints are git-ignored). Finished runs are reused, so the script can be stopped and restarted.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-CONFIG=docs/results/main.yaml
+CONFIG=(--preset quick --config docs/results/main.yaml)
 RUNS=docs/results/runs
 MAIN=independent,dml,kdcl-naive,kdcl-linear,kdcl-minlogit,kdcl-general,ccl
 ABLATIONS=ccl:hfd=false,ccl:rbsd=false,ccl:pbsd=false,ccl:rbsd=false:pbsd=false,ccl:hfd=false:pbsd=false,\
-ccl:hfd=false:rbsd=false,ccl:rule=confidence,ccl:region=[8,8],ccl:region=[32,32]
+ccl:hfd=false:rbsd=false,ccl:rule=confidence,ccl:region=[16,16],ccl:region=[32,32]
 
 stage_main() {  # one seed at a time, so that an interrupted run still leaves whole seeds
   for seed in 0 1 2; do
-    ccl-bench compare --config "$CONFIG" --methods "$MAIN" --seeds "$seed" --out "$RUNS/main" --no-plots
+    ccl-bench compare "${CONFIG[@]}" --methods "$MAIN" --seeds "$seed" --out "$RUNS/main" --no-plots
   done
 }
 stage_ablations() {
-  ccl-bench compare --config "$CONFIG" --methods "$ABLATIONS" --seeds 0 --out "$RUNS/ablations" --no-plots
+  ccl-bench compare "${CONFIG[@]}" --methods "$ABLATIONS" --seeds 0 --out "$RUNS/ablations" --no-plots
 }
 stage_cost() {
-  ccl-bench overhead --config "$CONFIG" --methods "$MAIN,ccl:hfd=false,ccl:rbsd=false,ccl:pbsd=false" \
+  ccl-bench overhead "${CONFIG[@]}" --methods "$MAIN,ccl:hfd=false,ccl:rbsd=false,ccl:pbsd=false" \
     --steps 10 --warmup 3 --out docs/results/cost.csv
 }
 stage_report() {
