@@ -22,14 +22,20 @@ stage_ablations() {
 stage_cost() {
   ccl-bench overhead "${CONFIG[@]}" --methods "$MAIN,ccl:hfd=false,ccl:rbsd=false,ccl:pbsd=false" \
     --steps 10 --warmup 3 --out docs/results/cost.csv
+  # the same step with the students' default 256-channel decoders (why the experiment uses 64)
+  ccl-bench overhead "${CONFIG[@]}" --methods independent,ccl --steps 10 --warmup 3 \
+    --set students.cnn.options={} students.vit.options={} --out docs/results/cost_decoder256.csv
 }
 stage_report() {
   ccl-bench report "$RUNS/main" --out docs/results/main --order "$MAIN"
-  for baseline in dml kdcl-minlogit; do
+  for baseline in dml kdcl-naive kdcl-linear kdcl-minlogit kdcl-general; do  # paired CCL - X
     ccl-bench report "$RUNS/main" --out "docs/results/main_vs_$baseline" --baseline "$baseline" --order "$MAIN" --no-plots
   done
   ccl-bench report "$RUNS/ablations" "$RUNS/main/ccl/seed0" "$RUNS/main/independent/seed0" \
     --out docs/results/ablations --no-plots
+  python docs/results/digits_iou.py "$RUNS/main" --order "$MAIN" --out docs/results/main/digits_iou.md
+  python docs/results/digits_iou.py "$RUNS/ablations" "$RUNS/main/ccl/seed0" "$RUNS/main/independent/seed0" \
+    --order "independent,ccl,$ABLATIONS" --out docs/results/ablations/digits_iou.md
 }
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(main ablations cost report)
