@@ -32,7 +32,7 @@ stage_report() {
     ccl-bench report "$RUNS/main" --out "docs/results/main_vs_$baseline" --baseline "$baseline" --order "$MAIN" --no-plots
   done
   ccl-bench report "$RUNS/ablations" "$RUNS/main/ccl/seed0" "$RUNS/main/independent/seed0" \
-    --out docs/results/ablations --no-plots
+    --out docs/results/ablations --order "independent,ccl,$ABLATIONS" --no-plots
   python docs/results/digits_iou.py "$RUNS/main" --order "$MAIN" --out docs/results/main/digits_iou.md
   python docs/results/digits_iou.py "$RUNS/ablations" "$RUNS/main/ccl/seed0" "$RUNS/main/independent/seed0" \
     --order "independent,ccl,$ABLATIONS" --out docs/results/ablations/digits_iou.md
