@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from op_cases import DTYPES, GRAD_TOL, LAYOUTS, LOSS_TOL, SCORE_TOL, make_inputs, shapes, with_layout
 
@@ -39,8 +39,14 @@ def assert_kl_matches_reference(za, zb, y, grad_weights=(1.0, 1.0), reference_dt
     if reference_dtype != torch.float64:
         rtol, atol = max(rtol, 1e-4), max(atol, 1e-4)
     scale = max(rga.abs().max().item(), rgb.abs().max().item(), 1e-30)
-    torch.testing.assert_close(ga.double(), rga.double(), rtol=rtol, atol=atol * scale)
-    torch.testing.assert_close(gb.double(), rgb.double(), rtol=rtol, atol=atol * scale)
+    # Where the two students agree, a gradient is a small difference of larger terms (weight * T-scaled
+    # probabilities / n): the kernel's rounding is then a few ulps of those terms, not of the result.
+    n = (y != 255).sum() if kw.get("normalize", "valid") == "valid" else torch.maximum(ref.count_ab, ref.count_ba)
+    t = kw.get("temperature", 1.0)
+    terms = max(abs(w) for w in grad_weights) * max(t, 1 / t) / max(int(n), 1)
+    atol = max(atol * scale, 16 * torch.finfo(dtype).eps * terms)
+    torch.testing.assert_close(ga.double(), rga.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(gb.double(), rgb.double(), rtol=rtol, atol=atol)
     return out, ga, gb
 
 
@@ -56,6 +62,8 @@ def assert_kl_matches_reference(za, zb, y, grad_weights=(1.0, 1.0), reference_dt
     grad_weights=st.tuples(st.floats(-2, 2), st.floats(-2, 2)),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(shape=(1, 2, 3, 17), dtype=torch.float32, rule="confidence", normalize="valid", temperature=1.0,
+         layout="contiguous", ignore_frac=0.9, grad_weights=(1.0, 0.0), seed=256)  # cancellation, found by CI
 def test_pixel_selective_kl_matches_reference(device, shape, dtype, rule, normalize, temperature, layout,
                                               ignore_frac, grad_weights, seed):
     za, zb, y = make_inputs(seed, *shape, dtype, ignore_frac=ignore_frac, device=device, layout=layout)
