@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,7 +115,14 @@ def test_torchrun_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "ccl_bench", "train", "--method", "ccl", "--iters", "2", "--out", out, *TINY,
            "data.batch_size=2", "train.device=cpu"]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    for _ in range(2):
+        result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+        # One retry, only for a rank killed by SIGABRT right after start-up ("terminate called without an active
+        # exception"), seen once while a training run loaded the 2-core machine; it looks like the gloo aborts of
+        # pytorch/pytorch#188266. Any other failure, or the same one twice, fails the test.
+        if result.returncode == 0 or "Signal 6 (SIGABRT)" not in result.stderr:
+            break
+        shutil.rmtree(out, ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["world_size"] == 2 and metrics["step"] == 2
