@@ -35,27 +35,111 @@ def find_runs(paths: Iterable[str]) -> list[str]:
     return sorted(found)
 
 
+def _read_metrics(run: str) -> dict:
+    path = os.path.join(run, "metrics.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON file ({' '.join(str(exc).split())})") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"{path}: expected a JSON object with method, seed, step, miou; got {type(m).__name__}")
+    missing = [k for k in ("method", "seed", "step", "miou") if k not in m]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; expected at least method, seed, step, miou")
+    return m
+
+
+def _field(path: str, key: str, value, ok: bool, expected: str):
+    if not ok:
+        raise ValueError(f"{path}: {key}={value!r}; expected {expected}")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _row(run: str, m: dict) -> dict:
+    """One table row from a metrics.json, every field checked: a foreign or hand-edited file is an error naming
+    it, never a wrong number in the table (e.g. mIoU in % where fractions are expected)."""
+    path = os.path.join(run, "metrics.json")
+    row = {"method": _field(path, "method", m["method"], isinstance(m["method"], str) and m["method"], "a name"),
+           "seed": _field(path, "seed", m["seed"], _is_int(m["seed"]), "an int"),
+           "step": _field(path, "step", m["step"], _is_int(m["step"]), "an int"),
+           "complete": _field(path, "complete", m.get("complete", True), isinstance(m.get("complete", True), bool),
+                              "true or false"),
+           "run_dir": run}
+    miou = _field(path, "miou", m["miou"], isinstance(m["miou"], dict), "an object {cnn, vit, ensemble}")
+    for key, _ in STUDENT_COLUMNS:
+        value = miou.get(key)
+        fraction = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            math.isnan(value) or 0 <= value <= 1)
+        row[f"miou_{key}"] = math.nan if value is None else float(
+            _field(path, f"miou.{key}", value, fraction, "a fraction in [0, 1] (not %) or null"))
+    return row
+
+
 def load_runs(paths: Iterable[str], complete_only: bool = False) -> pd.DataFrame:
     """One row per run: method, seed, step, complete, miou_cnn, miou_vit, miou_ensemble, run_dir."""
-    rows = []
+    rows, seen = [], {}
     for run in find_runs(paths):
-        with open(os.path.join(run, "metrics.json")) as f:
-            try:
-                m = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{run}/metrics.json is not valid JSON ({exc})") from exc
-        missing = [k for k in ("method", "seed", "step", "miou") if k not in m]
-        if missing:
-            raise ValueError(f"{run}/metrics.json lacks {missing}; expected at least method, seed, step, miou")
-        row = {"method": str(m["method"]), "seed": int(m["seed"]), "step": int(m["step"]),
-               "complete": bool(m.get("complete", True)), "run_dir": run}
-        row.update({f"miou_{k}": float(m["miou"].get(k, math.nan)) for k, _ in STUDENT_COLUMNS})
+        row = _row(run, _read_metrics(run))
+        key = (row["method"], row["seed"])
+        if key in seen:
+            raise ValueError(f"{run}/metrics.json and {seen[key]}/metrics.json are both method {key[0]!r} seed "
+                             f"{key[1]}; expected one run per method and seed (report the folders separately)")
+        seen[key] = run
         rows.append(row)
     columns = ["method", "seed", "step", "complete"] + [f"miou_{k}" for k, _ in STUDENT_COLUMNS] + ["run_dir"]
     df = pd.DataFrame(rows, columns=columns)
     if complete_only:
         df = df[df["complete"]]
     return df
+
+
+def _check_csv(path: str) -> None:
+    if not (os.path.isfile(path) and os.path.getsize(path)):
+        return
+    try:
+        frame = pd.read_csv(path)
+    except Exception as exc:  # pandas parser errors come in several types
+        raise ValueError(f"{path}: not a readable CSV file ({' '.join(str(exc).split())})") from None
+    if "step" not in frame or not pd.api.types.is_numeric_dtype(frame["step"]) or frame["step"].duplicated().any():
+        raise ValueError(f"{path}: expected a 'step' column of distinct numbers (a log written by ccl-bench train)")
+    from .plots import SHARES
+
+    plotted = {"loss", "ce_a", "ce_b"} | {col for col, _ in SHARES}
+    text = [c for c in frame if (c in plotted or c.startswith("miou_")) and not pd.api.types.is_numeric_dtype(frame[c])]
+    if text:
+        raise ValueError(f"{path}: columns {text} hold non-numbers; expected numeric logs")
+
+
+def check_plot_inputs(df: pd.DataFrame) -> None:
+    """The logs the plots read (steps.csv, evals.csv, the history in metrics.json, overlays.npz), checked before
+    anything is written: a broken or foreign one is an error naming it (``--no-plots`` skips them)."""
+    import numpy as np
+
+    for run in df["run_dir"]:
+        for name in ("steps.csv", "evals.csv"):
+            _check_csv(os.path.join(run, name))
+        history = _read_metrics(run).get("history")
+        if history is not None and not (isinstance(history, list) and all(
+                isinstance(h, dict) and _is_int(h.get("step")) for h in history)):
+            raise ValueError(f"{run}/metrics.json: history is not a list of {{step, miou_...}} rows")
+        source = os.path.join(run, "overlays.npz")
+        if os.path.isfile(source):
+            needed = ("images", "labels", "pred_cnn", "pred_vit", "pixel_direction", "region_direction",
+                      "region", "ignore_index", "rule")
+            try:
+                with np.load(source) as data:
+                    absent = [k for k in needed if k not in data.files]
+                    if not absent:
+                        [data[k] for k in needed]  # decodes every array: a truncated file fails here
+            except Exception as exc:
+                raise ValueError(f"{source}: not a readable overlays file ({' '.join(str(exc).split())})") from None
+            if absent:
+                raise ValueError(f"{source} lacks {absent}; expected the overlays written by ccl-bench train")
 
 
 def _order(methods: Sequence[str], baseline: str, order: Sequence[str] = ()) -> list[str]:
@@ -149,7 +233,10 @@ def write_report(paths: Sequence[str], out: str, baseline: str = "independent", 
     ``out``; return the paths written."""
     df = load_runs(paths, complete_only=complete_only)
     if df.empty:
-        raise ValueError(f"report: no run (metrics.json) found under {list(paths)}")
+        raise ValueError(f"report: no {'complete ' if complete_only else ''}run (metrics.json) found under "
+                         f"{list(paths)}")
+    if plots:
+        check_plot_inputs(df)  # every input is checked before the first file is written
     summary = summarize(df, baseline, order)
     table = display_table(summary, baseline)
     os.makedirs(out, exist_ok=True)

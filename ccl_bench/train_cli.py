@@ -27,6 +27,41 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
+def _method_spec(spec: str):
+    """``parse_method_spec`` with its errors (a bad name, a pair that is not key=value, a value that is not YAML)
+    as ConfigErrors naming the spec."""
+    import yaml
+
+    from .config import ConfigError
+    from .methods import parse_method_spec
+
+    try:
+        return parse_method_spec(spec)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"method spec {spec!r}: {' '.join(str(exc).split())}") from None
+
+
+def _check_data(configs) -> None:
+    """Build the datasets of each distinct data config and read their files' headers before any run directory
+    is written: a missing folder, a bad option value or a broken file is one error line and leaves nothing
+    behind (the training builds them again: a cache hit for digits, a file listing for the benchmarks)."""
+    import json
+
+    from .data import build_dataset
+
+    seen = set()
+    for config in configs:
+        d = config["data"]
+        key = json.dumps(d, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        for split, extra in ((d["train_split"], d["train_options"]), (d["val_split"], d["val_options"])):
+            dataset = build_dataset(d["dataset"], split, d["root"], **{**d["options"], **extra})
+            if hasattr(dataset, "check_files"):
+                dataset.check_files()
+
+
 def _overrides(args) -> list[str]:
     return [item for group in (args.set or []) for item in group]
 
@@ -36,7 +71,10 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file applied after the preset")
     parser.add_argument("--iters", type=int, help="training iterations (train.iters)")
     parser.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
-                        help="override a config key with a YAML value, e.g. --set train.amp=off methods.ccl.hfd=false")
+                        help="override a config key with a YAML value, e.g. --set train.amp=off methods.ccl.hfd=false; "
+                             "KEY={} or KEY=null resets a mapping (students.cnn.options, optim.vit, ...) to its "
+                             "default, KEY={a: 1} replaces it, KEY.a=1 updates one entry; switching data.dataset "
+                             "drops the preset's dataset options")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (train.progress=false)")
 
 
@@ -52,8 +90,19 @@ def _load(args, method: str | None, seed: int | None, label: str | None = None, 
                        config_files if config_files is not None else args.config, _overrides(args), **direct)
 
 
+def _message(exc: BaseException) -> str:
+    """The error's own text; for an error re-raised from a DataLoader worker (its text carries the worker's
+    traceback) only the last line, the original error, without its class name."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name, sep, rest = last.partition(": ")
+        text = rest if sep and " " not in name else last
+    return text
+
+
 def _fail(command: str, exc: BaseException, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"ccl-bench {command}: error: {exc}", file=sys.stderr)
+    print(f"ccl-bench {command}: error: {_message(exc)}", file=sys.stderr)
     return code
 
 
@@ -72,7 +121,7 @@ def _guarded(command: str, fn):
         return 130
     except NonFiniteLossError as exc:
         return _fail(command, exc, EXIT_NON_FINITE)
-    except (ConfigError, RunDirError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, RunDirError, CheckpointError, ValueError, OSError) as exc:  # OSError: files, folders
         return _fail(command, exc)
 
 
@@ -80,9 +129,8 @@ def _guarded(command: str, fn):
 def cmd_train(args) -> int:
     def run():
         from .engine import RunDirError, run_training
-        from .methods import parse_method_spec
 
-        name, options = parse_method_spec(args.method) if args.method else (None, {})
+        name, options = _method_spec(args.method) if args.method else (None, {})
         saved = os.path.join(args.out, "config.yaml")
         if args.resume and os.path.isfile(saved):
             # the run's own config, then what this command states explicitly (checked against it on resume)
@@ -96,6 +144,7 @@ def cmd_train(args) -> int:
                            config_files=files, preset=None)
         else:
             config = _load(args, name, args.seed, args.label or (args.method if options else None), options)
+        _check_data([config])
         metrics = run_training(config, args.out, resume=args.resume, overwrite=args.overwrite)
         if "miou" in metrics and int(os.environ.get("RANK", "0")) == 0:
             m = metrics["miou"]
@@ -117,14 +166,18 @@ def cmd_compare(args) -> int:
         import json
         import time
 
+        from .config import ConfigError
         from .engine import distributed, run_training
-        from .methods import parse_method_spec
         from .report import write_report
 
         specs = _split(args.methods)
-        parsed = [parse_method_spec(s) for s in specs]
+        if not specs or not args.seeds:
+            raise ConfigError(f"--methods {args.methods!r} --seeds {args.seeds!r}: expected at least one method "
+                              f"and one seed, e.g. --methods {QUICK_METHODS} --seeds 0")
+        parsed = [_method_spec(s) for s in specs]
         configs = [(spec, seed, _load(args, name, seed, spec, options))  # every config checked before any run
                    for spec, (name, options) in zip(specs, parsed) for seed in args.seeds]
+        _check_data([config for _, _, config in configs])
         info = distributed.setup(configs[0][2]["train"]["device"])
         start = time.perf_counter()
         try:
@@ -201,13 +254,15 @@ def cmd_overhead(args) -> int:
 
         import pandas as pd
 
+        from .config import ConfigError
         from .engine import Trainer, distributed
-        from .methods import parse_method_spec
 
         specs = _split(args.methods)
+        if not specs:
+            raise ConfigError(f"--methods {args.methods!r}: expected at least one method, e.g. independent,ccl")
         trainers, info = [], None
         for spec in specs:
-            name, options = parse_method_spec(spec)
+            name, options = _method_spec(spec)
             config = _load(args, name, 0, spec, options)
             info = distributed.setup(config["train"]["device"])
             trainers.append(Trainer(config, None, info, quiet=True))

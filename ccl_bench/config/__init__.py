@@ -3,16 +3,33 @@
 ``defaults.yaml`` lists every valid key with its default; a preset (``<name>.yaml``) overrides some of them.
 A key that is not in the defaults, a value of the wrong type or outside its choices is a :class:`ConfigError`
 raised before anything trains, naming the key, the value and what is valid.
+
+Layers (defaults <- preset <- config files <- command-line options <- ``--set``) merge key by key, with three
+rules for keys whose value is a mapping (sections such as ``optim.cnn``, ``methods`` and ``methods.<name>``,
+and the option mappings ``data.options``, ``students.cnn.options``, ...):
+
+* ``KEY={}`` or ``KEY=null`` resets KEY to its default (``{}`` for the option mappings): an empty mapping that
+  merged would change nothing, which is never what it is written for.
+* ``--set KEY={a: 1}`` replaces KEY by its default updated with the mapping; ``--set KEY.a=1`` updates one
+  entry and keeps the others. In presets and ``--config`` files a nested mapping updates (deep merge).
+* A layer that switches ``data.dataset`` drops the dataset option mappings (``data.options``,
+  ``data.train_options``, ``data.val_options``) of the layers before it, keeping those it sets itself: a
+  preset's options describe the preset's dataset.
+
+Option mappings are checked against the signatures of the functions they are passed to (:mod:`.options`).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from importlib import resources
 from typing import Any, Iterable
 
 import yaml
+
+from .options import check_options, signature_options
 
 # keys whose default is null: the type a value must have when it is set
 NULLABLE = {"preset": str, "label": str, "data.root": str, "data.val_limit": int}
@@ -29,7 +46,14 @@ POSITIVE = {"train.iters", "train.eval_interval", "train.checkpoint_interval", "
             "data.batch_size", "data.eval_batch_size", "optim.cnn.lr", "optim.vit.lr", "data.val_limit"}
 NON_NEGATIVE = {"data.num_workers", "train.cpu_threads", "optim.grad_clip", "train.overlays", "optim.cnn.warmup_iters",
                 "optim.vit.warmup_iters", "optim.cnn.weight_decay", "optim.vit.weight_decay",
-                "optim.cnn.min_lr", "optim.vit.min_lr", "optim.cnn.power", "optim.vit.power"}
+                "optim.cnn.min_lr", "optim.vit.min_lr", "optim.cnn.power", "optim.vit.power", "seed",
+                "optim.cnn.momentum", "optim.vit.momentum"}
+# [low, high] (closed) or [low, high) for each element of a list
+INTERVALS = {"optim.cnn.warmup_ratio": (0, 1, "]"), "optim.vit.warmup_ratio": (0, 1, "]"),
+             "optim.cnn.betas": (0, 1, ")"), "optim.vit.betas": (0, 1, ")")}
+# integers end up in C ints (thread counts) and int64 seeds (seed * 1000 + k)
+INT_LIMIT = 2**31
+DATASET_OPTIONS = ("options", "train_options", "val_options")
 
 
 class ConfigError(ValueError):
@@ -52,8 +76,26 @@ def _package_file(name: str):
     return resources.files(__name__).joinpath(name)
 
 
-def defaults() -> dict:
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
     return _read_yaml(_package_file("defaults.yaml").read_text(), "defaults.yaml")
+
+
+def defaults() -> dict:
+    return copy.deepcopy(_defaults())
+
+
+def mapping_default(path: tuple[str, ...] | list[str]) -> dict | None:
+    """The default of a mapping-valued key (a section, ``methods.<name>``, an option mapping); None for any
+    other key, including the entries inside an option mapping (their values are the constructor's business)."""
+    if len(path) == 2 and path[0] == "methods":
+        return {}
+    node: Any = _defaults()
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return copy.deepcopy(node) if isinstance(node, dict) else None
 
 
 def preset_names() -> list[str]:
@@ -76,22 +118,62 @@ def load_file(path: str | os.PathLike) -> dict:
         return _read_yaml(f.read(), f"config {path!r}")
 
 
-def merge(base: dict, update: dict) -> dict:
-    """Deep-merge ``update`` into a copy of ``base`` (keys are checked by :func:`validate`)."""
+def merge(base: dict, update: dict, _path: tuple[str, ...] = ()) -> dict:
+    """Deep-merge ``update`` into a copy of ``base``; ``{}`` or ``None`` for a mapping-valued key resets it to its
+    default (keys are checked by :func:`validate`)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        path = _path + (key,)
+        default = mapping_default(path)
+        if default is not None and (value is None or value == {}):
+            out[key] = default
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, path)
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
 def set_key(config: dict, key: str, value: Any) -> dict:
-    """``config`` with the dotted ``key`` set to ``value``."""
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return merge(config, value)
+    """``config`` with the dotted ``key`` set to ``value``: a mapping given for a mapping-valued key replaces it
+    (the key's default updated with the mapping), anything else merges as in :func:`merge`."""
+    parts = key.split(".")
+    default = mapping_default(parts)
+    if default is None or not isinstance(value, dict) or not value:
+        for part in reversed(parts):
+            value = {part: value}
+        return merge(config, value)
+    out = copy.deepcopy(config)
+    node = out
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = merge(default, value, tuple(parts))
+    return out
+
+
+def _dataset(config: dict) -> Any:
+    data = config.get("data")
+    return data.get("dataset") if isinstance(data, dict) else None
+
+
+def apply_layer(config: dict, items: Iterable[tuple[str | None, Any]]) -> dict:
+    """Apply one layer: ``(None, tree)`` merges a preset or file, ``(key, value)`` is a ``--set``-style item.
+    A layer that switches ``data.dataset`` drops the earlier layers' dataset options (see the module doc)."""
+    items = list(items)
+
+    def apply(base: dict) -> dict:
+        for key, value in items:
+            base = merge(base, value) if key is None else set_key(base, key, value)
+        return base
+
+    out = apply(config)
+    if _dataset(out) != _dataset(config) and isinstance(config.get("data"), dict):
+        fresh = copy.deepcopy(config)  # the same layer on top of option mappings emptied: keeps its own entries
+        fresh["data"].update({name: {} for name in DATASET_OPTIONS})
+        out = apply(fresh)
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -107,13 +189,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _flatten(tree: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+def _flatten(tree: dict, sections: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """(dotted key, value) pairs, descending into the mappings that are sections of ``sections`` (the defaults)."""
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and path not in FREE_FORM and path != "methods":
-            yield from _flatten(value, path + ".")
+        section = sections.get(key) if isinstance(sections, dict) else None
+        if isinstance(value, dict) and isinstance(section, dict) and path not in FREE_FORM and path != "methods":
+            yield from _flatten(value, section, path + ".")
         else:
             yield path, value
+
+
+def _type_name(value: Any) -> str:
+    return {"dict": "mapping", "list": "list", "NoneType": "null"}.get(type(value).__name__, type(value).__name__)
 
 
 def _check_type(path: str, value: Any, default: Any) -> None:
@@ -121,45 +209,104 @@ def _check_type(path: str, value: Any, default: Any) -> None:
     if value is None:
         if path in NULLABLE:
             return
-        raise ConfigError(f"{path}=null; expected a {expected.__name__} (default {default!r})")
+        raise ConfigError(f"{path}=null; expected a {_type_name(default)} (default {default!r})")
     if expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected is list:
-        ok = isinstance(value, list) and len(value) == len(default)
+    elif expected is list:  # lists of numbers (betas): the same length and element types as the default
+        ok = isinstance(value, list) and len(value) == len(default) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
     else:
         ok = isinstance(value, expected)
     if not ok:
-        raise ConfigError(f"{path}={value!r}; expected a {expected.__name__}"
-                          + (f" like the default {default!r}" if default is not None else ""))
+        what = "a mapping" if expected is dict else ("an int" if expected is int else f"a {expected.__name__}")
+        raise ConfigError(f"{path}={value!r}; expected {what}"
+                          + (f" like the default {default!r}" if default not in (None, {}) else ""))
+    if expected is int and not -INT_LIMIT < value < INT_LIMIT:
+        raise ConfigError(f"{path}={value!r}; expected an int of magnitude < 2**31")
 
 
-def validate(config: dict) -> dict:
-    """Check every value; return the config with the chosen method's options resolved (all of them)."""
-    from ..data import DATASETS
+def _check_range(path: str, value: Any) -> None:
+    if path in CHOICES and value not in CHOICES[path]:
+        raise ConfigError(f"{path}={value!r}; expected one of {list(CHOICES[path])}")
+    if path in POSITIVE and value is not None and not value > 0:
+        raise ConfigError(f"{path}={value!r}; expected a number > 0")
+    if path in NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{path}={value!r}; expected a number >= 0")
+    if path in INTERVALS:
+        low, high, end = INTERVALS[path]
+        for v in value if isinstance(value, list) else [value]:
+            if not (low <= v <= high if end == "]" else low <= v < high):
+                raise ConfigError(f"{path}={value!r}; expected {'each value' if isinstance(value, list) else 'a value'}"
+                                  f" in [{low}, {high}{end}")
+
+
+def _unknown_key(path: str, base: dict) -> ConfigError:
+    parent = path.rpartition(".")[0]
+    while parent and not any(k.startswith(parent + ".") for k in base):
+        parent = parent.rpartition(".")[0]  # the deepest known section above the unknown key
+    valid = sorted({k[len(parent) + 1:].split(".")[0] if parent else k.split(".")[0] for k in base
+                    if (k.startswith(parent + ".") if parent else True)})
+    return ConfigError(f"unknown config key {path!r}; valid keys{' under ' + parent if parent else ''}: "
+                       f"{', '.join(valid)}")
+
+
+def _check_keys(config: dict) -> None:
+    tree = _defaults()
+    base = dict(_flatten(tree, tree))
+    sections = {k.rsplit(".", i)[0] for k in base for i in range(1, k.count(".") + 1)}
+    for path, value in _flatten(config, tree):
+        if path in sections:  # e.g. data=5: a section needs a mapping
+            keys = sorted({k[len(path) + 1:].split(".")[0] for k in base if k.startswith(path + ".")})
+            raise ConfigError(f"{path}={value!r}; expected a mapping of {', '.join(keys)} (or null for the defaults)")
+        if path not in base:
+            raise _unknown_key(path, base)
+        _check_type(path, value, base[path])
+        _check_range(path, value)
+
+
+def _check_data(data: dict) -> None:
+    from ..data import DATASETS, dataset_options
+
+    name = data["dataset"]
+    if name not in DATASETS:
+        raise ConfigError(f"data.dataset={name!r}; expected one of {list(DATASETS)}")
+    valid, open_ended = dataset_options(name)
+    for key in DATASET_OPTIONS:
+        check_options(f"data.{key}", f"dataset {name!r}", data[key], valid, open_ended)
+
+
+def _student_chain(path: str, name: str) -> list:
+    """The functions a student's options pass through: build_student -> the decoder's builder -> the encoder."""
+    from ..models.backbone import CNN_BACKBONES, VIT_BACKBONES, create_encoder
+    from ..models.students import STUDENTS, build_student
+
+    decoder, _, backbone = name.partition("_")
+    if decoder not in STUDENTS or not backbone:
+        raise ConfigError(f"{path}={name!r}; expected '<decoder>_<timm backbone>' with decoder in "
+                          f"{sorted(STUDENTS)}, e.g. 'deeplabv3plus_resnet18' or 'segformer_pvt_v2_b0'")
+    import timm
+
+    if not timm.is_model(backbone):
+        raise ConfigError(f"{path}={name!r}: {backbone!r} is not a timm model; tested backbones: "
+                          f"{', '.join(CNN_BACKBONES + VIT_BACKBONES)} (any timm model with 4+ feature levels)")
+    return [(build_student, ("name", "num_classes")), (STUDENTS[decoder], ("backbone", "num_classes")),
+            (create_encoder, ("backbone",))]
+
+
+def _check_students(students: dict) -> None:
+    for key in ("cnn", "vit"):
+        name = students[key]["name"]
+        chain = _student_chain(f"students.{key}.name", name)
+        valid, open_ended = signature_options(chain)
+        check_options(f"students.{key}.options", f"student {name!r}", students[key]["options"], valid, open_ended)
+
+
+def _check_methods(config: dict) -> None:
     from ..methods import method_class, method_names
     from ..methods.base import resolve_options
 
-    base = dict(_flatten(defaults()))
-    flat = dict(_flatten(config))
-    for path, value in flat.items():
-        if path not in base:
-            parent = path.rpartition(".")[0]
-            valid = sorted(k[len(parent) + 1:] if parent else k for k in base
-                           if (k.startswith(parent + ".") if parent else True))
-            valid = sorted({k.split(".")[0] for k in valid})
-            raise ConfigError(f"unknown config key {path!r}; valid keys{' under ' + parent if parent else ''}: "
-                              f"{', '.join(valid)}")
-        _check_type(path, value, base[path])
-        if path in CHOICES and value not in CHOICES[path]:
-            raise ConfigError(f"{path}={value!r}; expected one of {list(CHOICES[path])}")
-        if path in POSITIVE and value is not None and not value > 0:
-            raise ConfigError(f"{path}={value!r}; expected a number > 0")
-        if path in NON_NEGATIVE and value < 0:
-            raise ConfigError(f"{path}={value!r}; expected a number >= 0")
-    if config["data"]["dataset"] not in DATASETS:
-        raise ConfigError(f"data.dataset={config['data']['dataset']!r}; expected one of {list(DATASETS)}")
     names = method_names()
     if config["method"] not in names:
         raise ConfigError(f"method={config['method']!r} is unknown; expected one of {names}")
@@ -176,26 +323,35 @@ def validate(config: dict) -> dict:
     chosen = config["method"]
     # the resolved config keeps the options of its own method only
     config["methods"] = {chosen: config["methods"].get(chosen) or dict(method_class(chosen).defaults)}
+
+
+def validate(config: dict) -> dict:
+    """Check every value; return the config with the chosen method's options resolved (all of them)."""
+    _check_keys(config)
+    config = merge(defaults(), config)  # a section reset by null in a file was filled in by merge; be sure
+    _check_data(config["data"])
+    _check_students(config["students"])
+    _check_methods(config)
     if config.get("label") is None:
-        config["label"] = chosen
+        config["label"] = config["method"]
     return config
 
 
 def load_config(preset: str | None = None, config_file: str | list[str] | None = None,
                 overrides: Iterable[str] = (), **direct: Any) -> dict:
-    """Defaults <- preset <- config file(s) <- ``direct`` (``{"train.iters": 100}``, None skipped) <- ``--set``
-    overrides (``"key.sub=value"``); validated."""
+    """Defaults <- preset <- config file(s) <- ``direct`` (``{"train.iters": 100}``, None skipped but in
+    ``methods.*``) <- ``--set``
+    overrides (``"key.sub=value"``, one layer); validated."""
     config = defaults()
     if preset:
-        config = merge(config, load_preset(preset))
+        config = apply_layer(config, [(None, load_preset(preset))])
         config["preset"] = preset
     for path in [config_file] if isinstance(config_file, str) else (config_file or []):
-        config = merge(config, load_file(path))
-    for key, value in direct.items():
-        if value is not None:
-            config = set_key(config, key, value)
-    for text in overrides:
-        config = set_key(config, *parse_override(text))
+        config = apply_layer(config, [(None, load_file(path))])
+    # None marks a command-line option not given, except in a method's options (``ccl:rule=`` is a value)
+    config = apply_layer(config, [(key, value) for key, value in direct.items()
+                                  if value is not None or key.startswith("methods.")])
+    config = apply_layer(config, [parse_override(text) for text in overrides])
     return validate(config)
 
 

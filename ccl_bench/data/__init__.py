@@ -6,7 +6,7 @@ Items are ``(image float32 (3, H, W), label int64 (H, W))``, ignore index 255; d
 """
 from __future__ import annotations
 
-from .base import IGNORE_INDEX, SegDataset
+from .base import IGNORE_INDEX, DataFileError, SegDataset
 from .benchmarks import BENCHMARKS
 from .digits import DigitsDataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, SegTransform
@@ -14,8 +14,9 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, SegTransform
 DATASETS = ("digits",) + tuple(BENCHMARKS)
 
 
-def build_dataset(name: str, split: str, root=None, *, augment: bool | None = None, crop_size=None,
-                  scale_range=(0.5, 2.0), flip: bool | None = None, photometric: bool = True, resize=None,
+def build_dataset(name: str, split: str, root=None, *, augment: bool | None = None,
+                  crop_size: int | tuple[int, int] | None = None, scale_range: tuple[float, float] = (0.5, 2.0),
+                  flip: bool | None = None, photometric: bool = True, resize: int | tuple[int, int] | None = None,
                   normalize: bool = True, **options) -> SegDataset:
     """Build a dataset by name.
 
@@ -44,4 +45,16 @@ def build_dataset(name: str, split: str, root=None, *, augment: bool | None = No
     return BENCHMARKS[name][0](split, root, transform=transform, **options)
 
 
-__all__ = ["build_dataset", "DATASETS", "SegDataset", "SegTransform", "DigitsDataset", "IGNORE_INDEX"]
+def dataset_options(name: str):
+    """``({option: (annotation, default)}, open_ended)``: what ``build_dataset(name, split, root, **options)``
+    accepts, read from the signatures of build_dataset and of the dataset's constructor (the arguments the
+    config fills itself, split and root, are not options)."""
+    from ..config.options import signature_options
+
+    constructor = DigitsDataset.__init__ if name == "digits" else BENCHMARKS[name][0]
+    return signature_options([(build_dataset, ("name", "split", "root")),
+                              (constructor, ("split", "root", "transform"))])
+
+
+__all__ = ["build_dataset", "dataset_options", "DATASETS", "SegDataset", "SegTransform", "DigitsDataset",
+           "DataFileError", "IGNORE_INDEX"]

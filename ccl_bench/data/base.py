@@ -16,15 +16,26 @@ from torch.utils.data import Dataset
 from .transforms import SegTransform
 
 IGNORE_INDEX = 255
+LABEL_MODES = ("P", "L")
+
+
+class DataFileError(OSError, ValueError):
+    """A dataset file that is there but cannot be used (unreadable, a label of another size or mode, label
+    values the layout does not define). One line naming the file. Both an OSError (the file) and a ValueError
+    (its content), so that either kind of handler catches it."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3); an unreadable file is an OSError naming it."""
+    """RGB uint8 (H, W, 3); an unreadable file is a DataFileError naming it."""
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))
     except Exception as exc:
-        raise OSError(f"cannot read image {path!r}: {exc}") from exc
+        raise DataFileError(f"cannot read image {path!r}: {_one_line(exc)}") from exc
 
 
 def read_label(path: str) -> np.ndarray:
@@ -32,12 +43,25 @@ def read_label(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             mode = im.mode
-            if mode in ("P", "L"):
+            if mode in LABEL_MODES:
                 return np.asarray(im)
     except Exception as exc:
-        raise OSError(f"cannot read label {path!r}: {exc}") from exc
-    raise ValueError(f"label {path!r} has PIL mode {mode!r}; expected a class-index PNG in palette ('P') "
-                     "or 8-bit grayscale ('L') mode, not a color rendering")
+        raise DataFileError(f"cannot read label {path!r}: {_one_line(exc)}") from exc
+    raise DataFileError(_mode_message(path, mode))
+
+
+def _mode_message(path: str, mode: str) -> str:
+    return (f"label {path!r} has PIL mode {mode!r}; expected a class-index PNG in palette ('P') or 8-bit "
+            "grayscale ('L') mode, not a color rendering")
+
+
+def _header(path: str, what: str) -> tuple[tuple[int, int], str]:
+    """(width, height) and mode from the file header only (no pixel decoding)."""
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except Exception as exc:
+        raise DataFileError(f"cannot read {what} {path!r}: {_one_line(exc)}") from exc
 
 
 def make_lut(mapping: Mapping[int, int]) -> np.ndarray:
@@ -54,7 +78,7 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str) -> np.ndarray:
     if (label < 0).any():
         bad = sorted(set(np.unique(raw[label < 0]).tolist()))
         allowed = np.flatnonzero(lut >= 0).tolist()
-        raise ValueError(f"label {path!r} contains values {bad[:10]} that this dataset does not define; "
+        raise DataFileError(f"label {path!r} contains values {bad[:10]} that this dataset does not define; "
                          f"expected raw values in {_ranges(allowed)}")
     return label
 
@@ -112,9 +136,25 @@ class FileSegDataset(SegDataset):
         image_path, label_path = self.pairs[index]
         image, raw = read_image(image_path), read_label(label_path)
         if image.shape[:2] != raw.shape:
-            raise ValueError(f"image {image_path!r} is {image.shape[1]}x{image.shape[0]} but its label "
-                             f"{label_path!r} is {raw.shape[1]}x{raw.shape[0]}")
+            raise DataFileError(_size_message(image_path, image.shape[1::-1], label_path, raw.shape[::-1]))
         return image, apply_lut(raw, self.lut, label_path)
+
+    def check_files(self) -> None:
+        """Read every file's header (no decoding: seconds for thousands of files): an unreadable file, a label
+        whose size differs from its image's or a colour label is a DataFileError before any training. Label
+        values are checked when an item is loaded (that needs the pixels)."""
+        for image_path, label_path in self.pairs:
+            image_size, _ = _header(image_path, "image")
+            label_size, mode = _header(label_path, "label")
+            if mode not in LABEL_MODES:
+                raise DataFileError(_mode_message(label_path, mode))
+            if image_size != label_size:
+                raise DataFileError(_size_message(image_path, image_size, label_path, label_size))
+
+
+def _size_message(image_path: str, image_size, label_path: str, label_size) -> str:
+    return (f"image {image_path!r} is {image_size[0]}x{image_size[1]} but its label {label_path!r} is "
+            f"{label_size[0]}x{label_size[1]}; expected the same size")
 
 
 def require_files(paths: Sequence[str], what: str, layout: str) -> None:

@@ -1,4 +1,4 @@
-"""Loaders for the real benchmarks under ``--data-root``, in their standard on-disk layouts."""
+"""Loaders for the real benchmarks under ``data.root`` (``--set data.root=DIR``), in their standard on-disk layouts."""
 from __future__ import annotations
 
 import glob
@@ -54,7 +54,7 @@ ADE20K_LAYOUT = """<root>/  (or <root>/ADEChallengeData2016)
 
 def _find_root(root, candidates: tuple[str, ...], marker: str, dataset: str, layout: str) -> str:
     if root is None:
-        raise ValueError(f"root=None: dataset {dataset!r} needs --data-root; expected layout:\n{layout}")
+        raise ValueError(f"root=None: dataset {dataset!r} needs its folder (--set data.root=DIR); expected layout:\n{layout}")
     for sub in ("",) + candidates:
         path = os.path.join(os.fspath(root), sub)
         if os.path.isdir(os.path.join(path, marker)):
@@ -130,10 +130,16 @@ def ade20k(split: str, root=None, transform: SegTransform | None = None) -> File
                           transform)
 
 
+def voc_aug(split: str, root=None, transform: SegTransform | None = None) -> FileSegDataset:
+    """VOC 2012 + SBD (``SegmentationClassAug``, ``train_aug``); a function of its own so that its signature
+    lists exactly the options it takes (the config checks options against it)."""
+    return voc(split, root, aug=True, transform=transform)
+
+
 # name -> (constructor, default crop size for training)
 BENCHMARKS = {
     "voc": (voc, 512),
-    "voc_aug": (lambda split, root=None, **kw: voc(split, root, aug=True, **kw), 512),
+    "voc_aug": (voc_aug, 512),
     "cityscapes": (cityscapes, 768),
     "camvid": (camvid, 360),
     "ade20k": (ade20k, 512),

@@ -68,6 +68,17 @@ def random_pad(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int], 
     return image, label
 
 
+def _size_pair(name: str, size) -> tuple[int, int] | None:
+    """None, an int or (h, w) of positive ints -> (h, w); anything else is a ValueError naming the option."""
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) else size
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)):
+        raise ValueError(f"{name}={size!r}: expected a positive int or (height, width) of positive ints")
+    return tuple(pair)
+
+
 @dataclass
 class SegTransform:
     """Train: random scale + crop (window first) -> photometric -> normalize -> ignore padding -> flip.
@@ -86,13 +97,12 @@ class SegTransform:
     def __post_init__(self):
         if self.augment and self.crop_size is None:
             raise ValueError("crop_size=None: augmentation needs a crop size (an int or (h, w))")
-        if isinstance(self.crop_size, int):
-            self.crop_size = (self.crop_size, self.crop_size)
-        if isinstance(self.resize, int):
-            self.resize = (self.resize, self.resize)
-        lo, hi = self.scale_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"scale_range={self.scale_range!r}: expected 0 < low <= high")
+        self.crop_size = _size_pair("crop_size", self.crop_size)
+        self.resize = _size_pair("resize", self.resize)
+        if not (isinstance(self.scale_range, (tuple, list)) and len(self.scale_range) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.scale_range)
+                and 0 < self.scale_range[0] <= self.scale_range[1] < float("inf")):
+            raise ValueError(f"scale_range={self.scale_range!r}: expected (low, high) with 0 < low <= high")
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor):
         if self.resize is not None:
