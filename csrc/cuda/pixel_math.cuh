@@ -15,20 +15,29 @@
 // with "device-side assert triggered" at the next synchronising call, and the CUDA context is unusable
 // afterwards (as for nll_loss / cross_entropy with bad targets). The pixel is treated as ignored on builds
 // where device asserts compile to nothing, so no out-of-bounds read ever happens.
+//
+// Torch-free: this header and the kernel headers that include it (<op>_kernel.cuh) hold device code only, so
+// that the SIMT harness (tests/simt) can compile them as host C++ and execute the kernels on the CPU. Launchers,
+// tensors and TORCH_LIBRARY_IMPL stay in the .cu files.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/macros/Macros.h>
-#include <cuda_runtime.h>
-
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
-// Functions of the per-pixel arithmetic are host-and-device (the host side serves the CPU emulation test).
+// Functions of the per-pixel arithmetic are host-and-device.
 #define CCL_HD __host__ __device__ __forceinline__
 
+#ifndef CCL_ASSERT_LABEL  // the SIMT harness defines its own, which names the kernel and stops the run
+#include <c10/macros/Macros.h>
 #define CCL_ASSERT_LABEL(ok) \
   CUDA_KERNEL_ASSERT((ok) && "ccl: y contains a label value that is neither in [0, C) nor ignore_index")
+#endif
+
+// The SIMT harness's fast-math build substitutes a model of the __expf intrinsic (see tests/simt/README.md).
+#ifndef CCL_DEVICE_EXPF
+#define CCL_DEVICE_EXPF ::expf
+#endif
 
 namespace ccl::cuda {
 
@@ -47,11 +56,6 @@ struct Logits {
   }
 };
 
-template <typename scalar_t>
-inline Logits<scalar_t> logits_view(const at::Tensor& z) {
-  return {z.const_data_ptr<scalar_t>(), z.stride(0), z.stride(1), z.stride(2), z.stride(3)};
-}
-
 // Labels (N, H, W), int64, any strides.
 struct Labels {
   const int64_t* __restrict__ data;
@@ -61,10 +65,6 @@ struct Labels {
     return data[n * sN + static_cast<int64_t>(h) * sH + static_cast<int64_t>(w) * sW];
   }
 };
-
-inline Labels labels_view(const at::Tensor& y) {
-  return {y.const_data_ptr<int64_t>(), y.stride(0), y.stride(1), y.stride(2)};
-}
 
 // Reads the label of a pixel; returns -1 for an ignored pixel. Asserts on a label outside [0, C).
 __device__ __forceinline__ int read_label(const Labels& y, int64_t n, int h, int w, int C, int64_t ignore_index) {
@@ -80,7 +80,7 @@ __device__ __forceinline__ int read_label(const Labels& y, int64_t n, int h, int
 // (~4.5e-7 near 1) is too large for cross-entropies of confident pixels (log of sums slightly above 1), so the
 // log goes through log1pf, which fast math leaves exact to ~1 ulp. Every argument of dlog is a sum of
 // exponentials that includes exp(0) = 1, so x - 1 is exact (Sterbenz) where it matters. double: full precision.
-CCL_HD float dexp(float x) { return ::expf(x); }
+CCL_HD float dexp(float x) { return CCL_DEVICE_EXPF(x); }
 CCL_HD double dexp(double x) { return ::exp(x); }
 CCL_HD float dlog(float x) { return ::log1pf(x - 1.0f); }
 CCL_HD double dlog(double x) { return ::log(x); }

@@ -1,12 +1,11 @@
 // Per-pixel arithmetic of pixel_selective_kl's CUDA kernels (forward and backward), METHOD.md §1.
 //
-// Host-and-device functions: the kernels in pixel_selective_kl_kernel.cu call them once per pixel, and
-// benchmarks/gpu/host_emulation/ runs them on the CPU against the Python reference (a check of this
-// arithmetic that needs no GPU). Everything here works on one pixel's C logits of both students, reached
-// through a pointer to channel 0 and the channel stride.
+// Host-and-device functions: the kernels in pixel_selective_kl_kernel.cuh call them once per pixel. Everything
+// here works on one pixel's C logits of both students, reached through a pointer to channel 0 and the channel
+// stride. Torch-free, like pixel_math.cuh.
 #pragma once
 
-#include "../ops/checks.h"
+#include "../ops/kinds.h"
 #include "pixel_math.cuh"
 
 namespace ccl::cuda {

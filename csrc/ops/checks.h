@@ -7,15 +7,9 @@
 #include <string>
 #include <tuple>
 
+#include "kinds.h"
+
 namespace ccl {
-
-enum class Rule { kCorrect, kConfidence, kAll };
-enum class Normalize { kValid, kSelected };
-enum class Score { kCrossEntropy, kAccuracy };
-
-// Bits of the per-pixel selection mask of pixel_selective_kl.
-constexpr uint8_t kAteachesB = 1;
-constexpr uint8_t kBteachesA = 2;
 
 inline Rule parse_rule(const std::string& rule) {
   if (rule == "correct") return Rule::kCorrect;

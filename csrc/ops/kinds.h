@@ -1,0 +1,16 @@
+// The op options and selection bits, without torch: shared by the argument checks (checks.h), the CPU kernels
+// and the CUDA kernel headers, which must also compile as plain host C++ in the SIMT test harness (tests/simt).
+#pragma once
+#include <cstdint>
+
+namespace ccl {
+
+enum class Rule { kCorrect, kConfidence, kAll };
+enum class Normalize { kValid, kSelected };
+enum class Score { kCrossEntropy, kAccuracy };
+
+// Bits of the per-pixel selection mask of pixel_selective_kl.
+constexpr uint8_t kAteachesB = 1;
+constexpr uint8_t kBteachesA = 2;
+
+}  // namespace ccl
