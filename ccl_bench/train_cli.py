@@ -126,24 +126,30 @@ def _guarded(command: str, fn):
 
 
 # -- train ----------------------------------------------------------------------------------------------------
+def train_config(args) -> dict:
+    """The validated config of a ``train`` command (what the property tests exercise, without training)."""
+    from .engine import RunDirError
+
+    name, options = _method_spec(args.method) if args.method else (None, {})
+    label = args.label or (args.method if options else None)
+    saved = os.path.join(args.out, "config.yaml")
+    if args.resume and os.path.isfile(saved):
+        # the run's own config, then what this command states explicitly (checked against it on resume)
+        from .config import load_file
+
+        preset = load_file(saved).get("preset")
+        if args.preset and args.preset != preset:
+            raise RunDirError(f"--resume {args.out!r}: the run used --preset {preset!r}, not {args.preset!r}")
+        files = [saved] + ([args.config] if args.config else [])
+        return _load(args, name, args.seed, label, options, config_files=files, preset=None)
+    return _load(args, name, args.seed, label, options)
+
+
 def cmd_train(args) -> int:
     def run():
-        from .engine import RunDirError, run_training
+        from .engine import run_training
 
-        name, options = _method_spec(args.method) if args.method else (None, {})
-        saved = os.path.join(args.out, "config.yaml")
-        if args.resume and os.path.isfile(saved):
-            # the run's own config, then what this command states explicitly (checked against it on resume)
-            from .config import load_file
-
-            preset = load_file(saved).get("preset")
-            if args.preset and args.preset != preset:
-                raise RunDirError(f"--resume {args.out!r}: the run used --preset {preset!r}, not {args.preset!r}")
-            files = [saved] + ([args.config] if args.config else [])
-            config = _load(args, name, args.seed, args.label or (args.method if options else None), options,
-                           config_files=files, preset=None)
-        else:
-            config = _load(args, name, args.seed, args.label or (args.method if options else None), options)
+        config = train_config(args)
         _check_data([config])
         metrics = run_training(config, args.out, resume=args.resume, overwrite=args.overwrite)
         if "miou" in metrics and int(os.environ.get("RANK", "0")) == 0:

@@ -185,7 +185,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
     return key, value
 
 
