@@ -1,0 +1,148 @@
+"""Build and drive the SIMT harness (tests/simt): the project's CUDA kernels executed on the CPU.
+
+``build()`` compiles tests/simt/harness.cpp with g++ under AddressSanitizer and UBSan, cached under
+build/simt/ by a hash of every source, flag and the compiler; ``run()`` writes each case's inputs as exact-size
+buffers, runs the harness once over all cases and reads the outputs back as tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMT = ROOT / "tests" / "simt"
+CACHE = ROOT / "build" / "simt"
+# Everything the harness is compiled from, relative to ROOT.
+SOURCES = (
+    "tests/simt/simt.h",
+    "tests/simt/simt_runtime.h",
+    "tests/simt/harness.cpp",
+    "csrc/ops/kinds.h",
+    "csrc/cuda/pixel_math.cuh",
+    "csrc/cuda/selective_kl_pixel.cuh",
+    "csrc/cuda/pixel_selective_kl_kernel.cuh",
+    "csrc/cuda/region_direction_mask_kernel.cuh",
+)
+FLAGS = (
+    "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer",
+    "-fsanitize=address,undefined", "-fsanitize=bounds-strict", "-fno-sanitize-recover=all",
+    "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",  # '#pragma unroll' is nvcc's
+)
+ENV = {
+    # Leak checking needs ptrace, which containers often forbid; every buffer is freed anyway.
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1:detect_stack_use_after_return=0",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+}
+RULES = {"correct": 0, "confidence": 1, "all": 2}
+# Outputs the harness writes, with their dtypes (acc: float64 for float64 inputs, else float32).
+OUTPUT_DTYPES = {
+    "loss_a": "acc", "loss_b": "acc", "norm": "acc", "count_ab": torch.int64, "count_ba": torch.int64,
+    "selection": torch.uint8, "grad_za": "scalar", "grad_zb": "scalar", "direction": torch.int8,
+    "scores": torch.float32, "part_kl": torch.float64, "part_count": torch.int64,
+}
+
+
+def compiler() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"the SIMT harness needs a C++ compiler ({cxx!r} not found; set CXX)")
+    return cxx
+
+
+def build(defines: tuple[str, ...] = (), mutate=None, name: str = "harness") -> Path:
+    """The harness binary for these -D defines; ``mutate(relpath, text) -> text`` edits a copy of the sources."""
+    cxx = compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    texts = {rel: (ROOT / rel).read_text() for rel in SOURCES}
+    if mutate is not None:
+        texts = {rel: mutate(rel, text) for rel, text in texts.items()}
+    torch_inc = Path(torch.__file__).parent / "include"
+    h = hashlib.sha256("\0".join([version, torch.__version__, *FLAGS, *defines]).encode())
+    for rel in SOURCES:
+        h.update(rel.encode() + b"\0" + texts[rel].encode())
+    out = CACHE / f"{name}-{h.hexdigest()[:16]}"
+    if out.exists():
+        return out
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        for rel, text in texts.items():
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / rel).write_text(text)
+        exe = Path(tmp) / "harness"
+        cmd = [cxx, *FLAGS, *(f"-D{d}" for d in defines), "-x", "c++", "-include", f"{tmp}/tests/simt/simt.h",
+               f"-I{torch_inc}", f"{tmp}/tests/simt/harness.cpp", "-o", str(exe)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the SIMT harness failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+        os.replace(exe, out)
+    return out
+
+
+def _exact(t: torch.Tensor, poison) -> torch.Tensor:
+    """The elements t's strides can reach, as one flat buffer; the gaps between them hold `poison`."""
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+    buf = torch.full((span,), poison, dtype=t.dtype)
+    if span:
+        buf.as_strided(t.shape, t.stride()).copy_(t)
+    return buf
+
+
+def _write(path: Path, t: torch.Tensor) -> None:
+    t.contiguous().view(torch.uint8).numpy().tofile(path)
+
+
+def kl_case(za, zb, y, *, temperature=1.0, rule="correct", normalize="valid", ignore_index=255, backward=True,
+            grad_weights=(0.7, 1.3), mask=(True, True), **geometry) -> dict:
+    return dict(op="kl", za=za, zb=zb, y=y, T=temperature, rule=RULES[rule], normalize_valid=int(normalize == "valid"),
+                ignore_index=ignore_index, backward=int(backward), g_a=grad_weights[0], g_b=grad_weights[1],
+                mask_a=int(mask[0]), mask_b=int(mask[1]), **geometry)
+
+
+def region_case(za, zb, y, *, region=(16, 16), score="ce", ignore_index=255) -> dict:
+    return dict(op="region", za=za, zb=zb, y=y, rh=region[0], rw=region[1], accuracy=int(score == "accuracy"),
+                ignore_index=ignore_index)
+
+
+def run(exe: Path, cases: list[dict], check: bool = True):
+    """Runs the cases in one harness process. Returns one dict of output tensors per case, or with
+    check=False the CompletedProcess (for tests that expect the harness to fail)."""
+    with tempfile.TemporaryDirectory(prefix="simt-") as tmp:
+        dirs = []
+        for i, case in enumerate(cases):
+            d = Path(tmp) / f"case{i}"
+            d.mkdir()
+            za, zb, y = case["za"], case["zb"], case["y"]
+            n, c, h, w = za.shape
+            args = {k: v for k, v in case.items() if k not in ("za", "zb", "y")}
+            args.update(N=n, C=c, H=h, W=w, dtype=str(za.dtype).removeprefix("torch."))
+            for key, t in (("sa", za), ("sb", zb), ("sy", y)):
+                args.update({f"{key}{k}": s for k, s in enumerate(t.stride())})
+            (d / "args.txt").write_text("".join(f"{k} {v}\n" for k, v in args.items()))
+            _write(d / "za.bin", _exact(za, float("nan")))
+            _write(d / "zb.bin", _exact(zb, float("nan")))
+            _write(d / "y.bin", _exact(y, 1 << 40))  # a gap read as a label trips the label assert
+            dirs.append(d)
+        proc = subprocess.run([str(exe), *map(str, dirs)], capture_output=True, text=True, env={**os.environ, **ENV})
+        if not check:
+            return proc
+        if proc.returncode != 0:
+            raise AssertionError(f"SIMT harness failed (rc={proc.returncode}):\n{proc.stderr[-8000:]}")
+        results = []
+        for case, d in zip(cases, dirs):
+            scalar = case["za"].dtype
+            acc = torch.float64 if scalar == torch.float64 else torch.float32
+            out = {}
+            for f in d.glob("*.bin"):
+                if f.stem in ("za", "zb", "y") or f.stem not in OUTPUT_DTYPES:
+                    continue
+                kind = OUTPUT_DTYPES[f.stem]
+                dtype = acc if kind == "acc" else scalar if kind == "scalar" else kind
+                out[f.stem] = torch.from_file(str(f), size=f.stat().st_size // dtype.itemsize, dtype=dtype).clone()
+            results.append(out)
+        return results
