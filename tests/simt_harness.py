@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+# ucontext fibers, ELF symbol tables and the x86 MXCSR (fast-math model): Linux x86-64 only.
+SUPPORTED = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
 ROOT = Path(__file__).resolve().parents[1]
 SIMT = ROOT / "tests" / "simt"
 CACHE = ROOT / "build" / "simt"

@@ -7,20 +7,14 @@ between orders, so every test here also checks the reductions are bitwise determ
 """
 from __future__ import annotations
 
-import platform
-import sys
-
 import pytest
 import torch
 from op_cases import GRAD_TOL, LAYOUTS, LOSS_TOL, SCORE_TOL, make_inputs
-from simt_harness import build, kl_case, region_case, run
+from simt_harness import SUPPORTED, build, kl_case, region_case, run
 
 from ccl_ops import reference
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"),
-    reason="the SIMT harness uses ucontext fibers and x86 MXCSR (Linux x86-64)",
-)
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the SIMT harness needs Linux x86-64")
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 RULES = ("correct", "confidence", "all")
