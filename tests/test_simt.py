@@ -22,9 +22,9 @@ RULES = ("correct", "confidence", "all")
 # 32) and the online path (C = 40; float64 always).
 BUCKET_SHAPES = ((2, 1, 5, 7), (2, 2, 6, 5), (2, 5, 9, 11), (1, 13, 7, 12), (2, 19, 8, 9), (1, 32, 4, 5),
                  (1, 40, 6, 7))
-# Tolerances of the fast-math model (harness.cpp, device_expf): see test_fast_math_model.
-FAST_MATH_LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
-FAST_MATH_GRAD_RTOL = 1e-4
+# Tolerances under the fast-math model (harness.cpp, device_expf): the ordinary float32 ones (see
+# test_fast_math_model for why they need no widening).
+FAST_MATH_LOSS_TOL = LOSS_TOL[torch.float32]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def reference_kl(za, zb, y, case):
     return ref, bits, max(int(n), 1), a.grad, b.grad
 
 
-def assert_kl(out, case, loss_tol=None, grad_rtol=None, exact_selection=True, ref_za=None):
+def assert_kl(out, case, loss_tol=None, exact_selection=True, ref_za=None):
     za, zb, y = case["za"], case["zb"], case["y"]
     dtype = za.dtype
     ref, bits, n, rga, rgb = reference_kl(za if ref_za is None else ref_za, zb, y, case)
@@ -64,11 +64,10 @@ def assert_kl(out, case, loss_tol=None, grad_rtol=None, exact_selection=True, re
     # Gradient tolerance as in test_ops: rtol per dtype, atol relative to the largest reference gradient and
     # floored at a few ulps of the terms (weight * T-scaled probabilities / n) whose difference a gradient is.
     rtol, atol = GRAD_TOL[dtype]["rtol"], GRAD_TOL[dtype]["atol"]
-    rtol = max(rtol, grad_rtol or 0.0)
     scale = max(rga.abs().max().item(), rgb.abs().max().item(), 1e-30)
     t = case["T"]
     terms = max(abs(case["g_a"]), abs(case["g_b"])) * max(t, 1 / t) / n
-    atol = max(atol * scale, rtol * scale if grad_rtol else 0.0, 16 * torch.finfo(dtype).eps * terms)
+    atol = max(atol * scale, 16 * torch.finfo(dtype).eps * terms)
     for key, ref_grad, on in (("grad_za", rga, case["mask_a"]), ("grad_zb", rgb, case["mask_b"])):
         if on:
             got = out[key].view(za.shape).double()
@@ -233,12 +232,15 @@ def test_region_edge_cases(harness):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
 def test_fast_math_model(harness, dtype):
-    """The kernels under a model of --use_fast_math (__expf = ex2.approx(x * log2 e) moved 2 ulp adversarially,
-    subnormals flushed): within FAST_MATH_LOSS_TOL / FAST_MATH_GRAD_RTOL of the float64 reference. The bound:
-    __expf's relative error is about (2 + 1.2 |x|) ulp = (2 + 1.2 |x|) * 6e-8, with |x| <= ~30 for these logits
-    (scale 3, T >= 1/2), i.e. <= 2.3e-6 per exponential; a KL term or a probability sums and divides such
-    terms, and the tolerance keeps a 40x margin. Near-tie selections ('confidence', argmax ties) may flip under
-    such errors, so selections are not compared bit for bit here; the losses still must agree."""
+    """The kernels under a model of --use_fast_math, against the float64 reference with the ordinary float32
+    loss tolerance (rtol 2e-5) and the per-dtype gradient tolerances. The model: __expf = ex2.approx(x * log2 e)
+    with the product rounded to float (relative error ~ |x| * 6e-8) and the result moved 2 ulp (ex2.approx's
+    documented bound) in an x-dependent direction, subnormals flushed (FTZ/DAZ). With |x| <= ~30 here (logits
+    of scale 3, T >= 1/2) one exponential is off by at most ~2.3e-6, ten times below rtol; measured on these
+    cases: losses within 2e-7 and float32 gradients within 6e-7 of the largest gradient. Not modelled:
+    approximate division (__fdividef, 2 ulp, another ~1e-7). Rule 'confidence' compares two cross-entropies,
+    whose near-ties may resolve either way under such errors (METHOD.md §1 allows it): its selections are not
+    compared bit for bit, its losses and gradients are."""
     cases = []
     for i, shape in enumerate(BUCKET_SHAPES):
         za, zb, y = make_inputs(90 + i, *shape, dtype)
@@ -247,8 +249,7 @@ def test_fast_math_model(harness, dtype):
             case["fast_math"] = 1
             cases.append(case)
     for out, case in zip(run(harness, cases), cases):
-        tol = FAST_MATH_LOSS_TOL if dtype == torch.float32 else None
-        assert_kl(out, case, loss_tol=tol, grad_rtol=FAST_MATH_GRAD_RTOL, exact_selection=False)
+        assert_kl(out, case, loss_tol=FAST_MATH_LOSS_TOL, exact_selection=case["rule"] != 1)
 
 
 def test_fast_math_model_is_not_the_host_expf(harness):

@@ -32,6 +32,12 @@ MUTATIONS = {
     5: ("csrc/cuda/region_direction_mask_kernel.cuh",  # off by one in the region's block-stride loop
         "for (int k = threadIdx.x; k < pixels; k += blockDim.x)",
         "for (int k = threadIdx.x; k < pixels + (::simt::mutant() == 5); k += blockDim.x)"),
+    6: ("csrc/cuda/region_direction_mask_kernel.cuh",  # block size not rounded up to whole warps
+        "(region_pixels + kWarpSize - 1) / kWarpSize * kWarpSize",
+        "(::simt::mutant() == 6 ? region_pixels : (region_pixels + kWarpSize - 1) / kWarpSize * kWarpSize)"),
+    7: ("csrc/cuda/pixel_selective_kl_kernel.cuh",  # grid.y not capped at 65535
+        "std::min<int64_t>(std::max<int64_t>(N, 1), max_grid_y)",
+        "(::simt::mutant() == 7 ? N : std::min<int64_t>(std::max<int64_t>(N, 1), max_grid_y))"),
 }
 
 
@@ -61,6 +67,7 @@ EXPECTED = {
     3: "AddressSanitizer: heap-buffer-overflow",
     4: "divergence",  # the warp straddling H*W waits in a shuffle for lanes that returned
     5: "AddressSanitizer: heap-buffer-overflow",
+    6: "is not whole warps",
 }
 
 
@@ -74,7 +81,7 @@ def test_unmutated_build_passes(mutant_harness, monkeypatch):
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("k", sorted(MUTATIONS))
+@pytest.mark.parametrize("k", sorted(EXPECTED))
 def test_defect_is_caught(mutant_harness, monkeypatch, k):
     proc = run_mutant(mutant_harness, k, monkeypatch)
     assert proc.returncode != 0, f"mutant {k} ({MUTATIONS[k][2]!r}) passed the harness"
@@ -86,3 +93,10 @@ def test_whole_warps_exiting_before_a_barrier_is_caught(mutant_harness, monkeypa
     za, zb, y = make_inputs(9, 1, 3, 8, 8, torch.float32)  # 64 pixels: warps 2-7 return, warps 0-1 wait
     proc = run(mutant_harness, [kl_case(za, zb, y)], check=False)
     assert proc.returncode != 0 and "exited while 64 wait at __syncthreads" in proc.stderr, proc.stderr[-4000:]
+
+
+def test_grid_beyond_cuda_limits_is_caught(mutant_harness, monkeypatch):
+    monkeypatch.setenv("SIMT_MUTANT", "7")
+    za, zb, y = make_inputs(10, 70000, 1, 1, 1, torch.float32)  # grid.y = 70000 > 65535: refused at launch
+    proc = run(mutant_harness, [kl_case(za, zb, y)], check=False)
+    assert proc.returncode != 0 and "grid (1, 70000, 1) is outside CUDA's limits" in proc.stderr, proc.stderr
