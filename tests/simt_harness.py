@@ -125,6 +125,7 @@ def run(exe: Path, cases: list[dict], check: bool = True):
             n, c, h, w = za.shape
             args = {k: v for k, v in case.items() if k not in ("za", "zb", "y")}
             args.update(N=n, C=c, H=h, W=w, dtype=str(za.dtype).removeprefix("torch."))
+            args.setdefault("seed", 1 + i)  # of the random thread order: a different schedule for every case
             for key, t in (("sa", za), ("sb", zb), ("sy", y)):
                 args.update({f"{key}{k}": s for k, s in enumerate(t.stride())})
             (d / "args.txt").write_text("".join(f"{k} {v}\n" for k, v in args.items()))

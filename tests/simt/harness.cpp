@@ -154,9 +154,11 @@ void run_kl(const Args& a, Heap& heap, Outputs& out, simt::Order order, uint64_t
   if (a.i64("backward") == 0) return;
 
   // Backward: g_a, g_b and n are device scalars; the gradients contiguous NCHW, or absent (nullptr).
-  acc_t* g = out.add<acc_t>(heap, "grad_loss", 2);  // an input, listed so that it is checked untouched
-  g[0] = static_cast<acc_t>(a.f64("g_a"));
-  g[1] = static_cast<acc_t>(a.f64("g_b"));
+  // g_a, g_b: inputs, listed with the outputs so that they are checked untouched; one buffer each, as on the GPU.
+  acc_t* g_a = out.add<acc_t>(heap, "grad_loss_a", 1);
+  acc_t* g_b = out.add<acc_t>(heap, "grad_loss_b", 1);
+  *g_a = static_cast<acc_t>(a.f64("g_a"));
+  *g_b = static_cast<acc_t>(a.f64("g_b"));
   const bool mask_a = a.i64("mask_a") != 0, mask_b = a.i64("mask_b") != 0;
   scalar_t* grad_za = mask_a ? out.add<scalar_t>(heap, "grad_za", N * C * HW) : nullptr;
   scalar_t* grad_zb = mask_b ? out.add<scalar_t>(heap, "grad_zb", N * C * HW) : nullptr;
@@ -167,7 +169,7 @@ void run_kl(const Args& a, Heap& heap, Outputs& out, simt::Order order, uint64_t
     simt::launch("selective_kl_backward_kernel<" + t + ", CMAX=" + std::to_string(CMAX) + ">", kThreads, bgrid,
                  dim3(kThreads), order, seed + 2, &selective_kl_backward_kernel<scalar_t, acc_t, CMAX>, za, zb,
                  selection, N, static_cast<int>(C), static_cast<int>(W), static_cast<int>(HW),
-                 static_cast<acc_t>(1.0 / temperature), temperature, g, g + 1, norm, grad_za, grad_zb);
+                 static_cast<acc_t>(1.0 / temperature), temperature, g_a, g_b, norm, grad_za, grad_zb);
   });
 }
 
