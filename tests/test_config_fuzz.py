@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ccl_bench.cli import build_parser, main
@@ -141,10 +141,6 @@ def method_specs(draw):
 
 # Known gap outside the config code (ccl_bench/methods, ccl_ops): ccl's rbsd_dim <= 0 passes the option check and
 # fails (or not) in the projection's constructor; see test_ccl_rejects_a_non_positive_rbsd_dim below.
-def _known_gap(method, options):
-    return method == "ccl" and any(k == "rbsd_dim" and isinstance(v, int) and v <= 0 for k, v in options)
-
-
 @FUZZ
 @given(spec=method_specs())
 @example(spec=("ccl", [("region", [8])]))
@@ -152,7 +148,6 @@ def _known_gap(method, options):
 @example(spec=("kdcl-general", [("holdout", 1.5)]))
 def test_any_method_spec_validates_or_names_the_option(spec, students):
     method, options = spec
-    assume(not _known_gap(method, options))
     text = ":".join([method] + [f"{k}={as_yaml(v)}" for k, v in options])
     try:
         config = train_config(_args(["--preset", "tiny", "--method", text]))
@@ -167,8 +162,6 @@ def test_any_method_spec_validates_or_names_the_option(spec, students):
         assert "\n" not in str(exc) and any(k in str(exc) for k, _ in options), str(exc)
 
 
-@pytest.mark.xfail(strict=True, reason="outside the config code: ccl accepts rbsd_dim <= 0 (0 builds an empty "
-                                       "projection, -3 is a torch RuntimeError); resolve_options should reject it")
 @pytest.mark.parametrize("dim", [0, -3])
 def test_ccl_rejects_a_non_positive_rbsd_dim(dim, students):
     with pytest.raises(ValueError, match="rbsd_dim"):

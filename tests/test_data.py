@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ccl_bench.data import build_dataset
-from ccl_bench.data.digits import build_digits, compose, load_mnist, split_digits
+from ccl_bench.data.digits import build_digits, compose_canvas, compose_photo, load_mnist, split_digits
 
 # ---------------------------------------------------------------------------------------------- digits
 
@@ -64,13 +64,33 @@ def test_digit_label_is_class_plus_one_where_ink_covers():
     digits, labels = load_mnist()
     k = int(np.flatnonzero(labels == 7)[0])
     background = np.full((80, 80, 3), 200, np.uint8)  # one flat "photo": every deviation is ink
-    images, masks = compose(digits[k:k + 1], labels[k:k + 1], [background], 1, 64, np.random.default_rng(0))
+    images, masks = compose_photo(digits[k:k + 1], labels[k:k + 1], [background], 1, 64,
+                                  np.random.default_rng(0))
     assert set(np.unique(masks[0]).tolist()) <= {0, 8} and (masks[0] == 8).sum() > 20
     # ink fraction alpha = |pixel - 200| / |colour - 200|; labelled exactly where alpha >= 1/2
     deviation = np.abs(images[0].astype(np.float64) - 200).max(-1)
     alpha = deviation / deviation.max()
     confident = np.abs(alpha - 0.5) > 0.05  # away from the rounding band around the threshold
     np.testing.assert_array_equal((masks[0] == 8)[confident], (alpha >= 0.5)[confident])
+
+
+def test_canvas_variant_bright_ink_on_darker_ground_one_digit_per_quarter():
+    digits, labels = load_mnist()
+    photo = np.random.default_rng(1).integers(0, 256, (96, 96, 3)).astype(np.uint8)
+    images, masks = compose_canvas(digits[:40], labels[:40], [photo], 20, 64, np.random.default_rng(0))
+    assert masks.max() <= 10
+    for image, mask in zip(images.astype(np.float64).mean(-1), masks):
+        present = [np.unique(q[q > 0]) for q in (mask[:32, :32], mask[:32, 32:], mask[32:, :32], mask[32:, 32:])]
+        assert sum(len(p) > 0 for p in present) >= 1  # at least one digit
+        assert image[mask > 0].mean() > image[mask == 0].mean() + 40  # one polarity: bright ink
+
+
+@pytest.mark.parametrize("variant", ["canvas", "photo"])
+def test_digits_variants_are_cached_apart(variant, digits_cache):
+    ds = small_digits("val", digits_cache, variant=variant)
+    assert ds.variant == variant and f"digits-{variant}-" in ds.cache_path
+    with pytest.raises(ValueError, match="variant='grid'"):
+        small_digits("val", digits_cache, variant="grid")
 
 
 def _build_in_process(cache):

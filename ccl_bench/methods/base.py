@@ -117,6 +117,8 @@ def resolve_options(cls: type[Method], options: dict[str, Any]) -> dict[str, Any
             raise ValueError(f"method {cls.name!r}: {key}={value!r}; expected a number >= 0")
         if key == "temperature" and not value > 0:
             raise ValueError(f"method {cls.name!r}: temperature={value!r}; expected a number > 0")
+        if key.endswith("_dim") and isinstance(value, int) and value < 1:
+            raise ValueError(f"method {cls.name!r}: {key}={value!r}; expected an int >= 1")
     return resolved
 
 

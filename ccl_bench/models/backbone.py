@@ -93,14 +93,21 @@ def load_checked(module: nn.Module, path: str | os.PathLike, what: str, ignore: 
 
 
 def create_encoder(backbone: str, pretrained: bool = False, backbone_checkpoint: str | None = None,
-                   output_stride: int | None = None, drop_path_rate: float = 0.0):
-    """Build ``timm.create_model(backbone)``, optionally load weights, and split it into stages."""
+                   output_stride: int | None = None, drop_path_rate: float = 0.0,
+                   encoder_args: dict | None = None):
+    """Build ``timm.create_model(backbone, **encoder_args)``, optionally load weights, and split it into stages.
+
+    ``encoder_args`` are the timm model's own constructor arguments (e.g. ``{sr_ratios: [2, 2, 1, 1]}`` for a
+    PVTv2 on small images); timm's error for an argument the model does not take is passed on as a ValueError.
+    """
     import timm
 
     if not timm.is_model(backbone):
         raise ValueError(f"backbone={backbone!r} is not a timm model; supported here: "
                          f"{', '.join(CNN_BACKBONES + VIT_BACKBONES)} (any timm model with 4+ feature levels)")
-    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    kwargs = dict(encoder_args or {})
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
     if output_stride is not None:
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride={output_stride!r}: expected 8, 16 or 32")
@@ -108,6 +115,8 @@ def create_encoder(backbone: str, pretrained: bool = False, backbone_checkpoint:
     fetch = pretrained and backbone_checkpoint is None
     try:
         model = timm.create_model(backbone, pretrained=fetch, **kwargs)
+    except TypeError as exc:  # an argument this timm model does not take
+        raise ValueError(f"backbone={backbone!r} with encoder_args={encoder_args!r}: timm says {exc}") from exc
     except Exception as exc:
         if not fetch:
             raise
