@@ -148,6 +148,9 @@ def _deeplab(backbone: str, num_classes: int, output_stride: int = 16, decoder_c
 
 def _segformer(backbone: str, num_classes: int, decoder_channels: int | None = None,
                **encoder_options) -> SegStudent:
+    if encoder_options.get("output_stride") is not None:
+        raise ValueError(f"output_stride={encoder_options['output_stride']!r}: SegFormer students keep the "
+                         f"hierarchical transformer's strides 4-32; output_stride is a DeepLabV3+ option")
     stages, channels, strides = create_encoder(backbone, **encoder_options)
     if decoder_channels is None:  # SegFormer: 256 for B0/B1, 768 for larger encoders
         decoder_channels = 768 if backbone in ("pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5") else 256
