@@ -124,11 +124,18 @@ class KDCLMinLogit(KDCL):
         return torch.minimum(za - za.gather(1, index), zb - zb.gather(1, index))
 
 
+def project_to_simplex(w: torch.Tensor) -> torch.Tensor:
+    """METHOD §6's projection of the ensemble weights: each clipped to [0, 1], then renormalised to sum 1."""
+    w = w.clamp(0, 1)
+    return w / w.sum()
+
+
 @register
 class KDCLGeneral(KDCL):
     name = "kdcl-general"
     description = ("KDCL-General (per-pixel adaptation): probability ensemble weighted by the inverse error "
-                   "covariance on a held-out slice of the training set, re-estimated each epoch")
+                   "covariance on a held-out slice of the training set, projected onto the simplex, "
+                   "re-estimated at the start of every epoch after the first (equal weights before)")
     defaults = {**KDCL.defaults, "holdout": 0.1, "ridge": 1e-6}
 
     def __init__(self, *args, **kwargs):
@@ -140,7 +147,9 @@ class KDCLGeneral(KDCL):
         self.register_buffer("weights", torch.tensor([0.5, 0.5]))  # checkpointed: resume keeps the estimate
 
     def on_epoch_start(self, epoch, holdout):
-        if holdout is None:
+        # METHOD §6: equal weights during the first epoch (no trained students to estimate from yet); the
+        # unconstrained estimate on untrained students gave weights like 5 and -4 and collapsed both students.
+        if holdout is None or epoch == 0:
             return
         cov = torch.zeros(2, 2, dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
@@ -161,7 +170,7 @@ class KDCLGeneral(KDCL):
         cov, count = holdout.sum(cov), holdout.sum(count)  # summed over ranks
         cov = cov / count.clamp(min=1) + self.options["ridge"] * torch.eye(2, dtype=torch.float64)
         inv_one = torch.linalg.solve(cov, torch.ones(2, dtype=torch.float64))
-        self.weights.copy_((inv_one / inv_one.sum()).to(self.weights))
+        self.weights.copy_(project_to_simplex(inv_one / inv_one.sum()).to(self.weights))
 
     def teacher(self, za, zb, y):
         t = self.options["temperature"]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from baselines import linear_alpha
+from baselines.kdcl import project_to_simplex
 from ccl_bench.methods import StudentOutput, build_method, method_names, parse_method_spec
 from ccl_bench.models import build_student, run_stage
 
@@ -153,17 +154,26 @@ class _Fixed(torch.nn.Module):
         return self.table[int(x.flatten()[0])]
 
 
-def test_kdcl_general_weights_from_error_covariance_and_teacher():
-    za, zb, y = _inputs(3, requires_grad=False)
-    t = 2.0
-    method = build_method("kdcl-general", (_Fixed([za]), _Fixed([zb])), C, IGNORE, temperature=t, ridge=0.0)
-    method.on_epoch_start(0, _Holdout([(torch.zeros(1), y)]))
+def _unconstrained_weights(za, zb, y, t):
+    """KDCL-General's ensemble weights before the projection: inverse error covariance times 1, normalised."""
     valid = y != IGNORE
     errors = [(torch.softmax(z / t, 1).permute(0, 2, 3, 1)[valid] - F.one_hot(y[valid], C)).flatten()
               for z in (za, zb)]
     cov = torch.tensor([[(ei * ej).sum() / valid.sum() for ej in errors] for ei in errors], dtype=torch.float64)
     w = torch.linalg.inv(cov) @ torch.ones(2, dtype=torch.float64)
-    w = w / w.sum()
+    return w / w.sum()
+
+
+def test_kdcl_general_weights_from_error_covariance_and_teacher():
+    za, zb, y = _inputs(3, requires_grad=False)
+    t = 2.0
+    method = build_method("kdcl-general", (_Fixed([za]), _Fixed([zb])), C, IGNORE, temperature=t, ridge=0.0)
+    method.on_epoch_start(0, _Holdout([(torch.zeros(1), y)]))
+    assert_close(method.weights, torch.tensor([0.5, 0.5]))  # first epoch: equal weights, no estimate
+    method.on_epoch_start(1, _Holdout([(torch.zeros(1), y)]))
+    w = _unconstrained_weights(za, zb, y, t)
+    assume_inside = bool(((w >= 0) & (w <= 1)).all())
+    assert assume_inside, f"the fixture's weights {w} should lie inside the simplex (no clipping)"
     assert_close(method.weights.double(), w, atol=1e-6, rtol=1e-5)
     assert "weights" in method.state_dict()  # checkpointed
 
@@ -176,6 +186,26 @@ def test_kdcl_general_weights_from_error_covariance_and_teacher():
     assert_close(out.terms["kl_a"].double(), expect[0], atol=1e-5, rtol=1e-4)
     assert_close(out.terms["kl_b"].double(), expect[1], atol=1e-5, rtol=1e-4)
     assert method.holdout_fraction == 0.1
+
+
+@pytest.mark.parametrize("a_scale", [0.5, 1.5])
+def test_kdcl_general_weights_projected_onto_the_simplex(a_scale):
+    # Nearly collinear errors of different size give an unconstrained weight outside [0, 1] (like the 5 / -4
+    # seen on untrained students): the estimate is clipped to [0, 1] and renormalised (METHOD §6).
+    _, zb, y = _inputs(3, requires_grad=False)
+    za = zb * a_scale  # one student sharper or softer than the other, same ranking of the classes
+    method = build_method("kdcl-general", (_Fixed([za]), _Fixed([zb])), C, IGNORE, ridge=0.0)
+    method.on_epoch_start(1, _Holdout([(torch.zeros(1), y)]))
+    w = _unconstrained_weights(za, zb, y, method.options["temperature"])
+    assert bool(((w < 0) | (w > 1)).any()), f"the fixture's weights {w} should leave the simplex"
+    clipped = w.clamp(0, 1)
+    assert_close(method.weights.double(), clipped / clipped.sum(), atol=1e-6, rtol=1e-5)
+
+
+def test_project_to_simplex():
+    assert_close(project_to_simplex(torch.tensor([5.0, -4.0])), torch.tensor([1.0, 0.0]))
+    assert_close(project_to_simplex(torch.tensor([-0.2, 1.2])), torch.tensor([0.0, 1.0]))
+    assert_close(project_to_simplex(torch.tensor([0.3, 0.7])), torch.tensor([0.3, 0.7]))
 
 
 def test_kdcl_invariant_mode_gives_each_student_its_own_view():
