@@ -39,8 +39,10 @@ stage_report() {
   python docs/results/digits_iou.py "$RUNS/main" --order "$MAIN" --out docs/results/main/digits_iou.md
   python docs/results/digits_iou.py "$RUNS/ablations" "$RUNS/main/ccl" "$RUNS/main/independent" \
     --order "independent,ccl,$ABLATIONS" --out docs/results/ablations/digits_iou.md
-  python docs/results/paired.py "$RUNS/main" "$RUNS/ablations" --out docs/results/paired.md
-  python docs/results/figures.py "$RUNS/main" --out docs/results/figures
+  python docs/results/paired.py "$RUNS/main" --reference ccl --against "${MAIN%,ccl}" --out docs/results/main/paired.md
+  python docs/results/paired.py "$RUNS/ablations" "$RUNS/main/ccl" --reference ccl --against "$ABLATIONS" \
+    --out docs/results/ablations/paired.md
+  python docs/curve/curve.py "$RUNS/main/independent" "$RUNS/main/ccl" --students cnn,vit --out docs/results/curve
 }
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(main ablations cost report)
