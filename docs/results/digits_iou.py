@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import pandas as pd
@@ -77,7 +78,7 @@ if __name__ == "__main__":
     parser.add_argument("--order", default="", help="comma-separated methods listed first, in this order")
     parser.add_argument("--out", required=True, help="markdown file to write")
     args = parser.parse_args()
-    text = main(args.folders, [m for m in args.order.split(",") if m])
+    text = main(args.folders, [m for m in re.split(r",(?![^\[]*\])", args.order) if m])  # keeps [4,4] whole
     with open(args.out, "w") as f:
         f.write(f"<!-- made by: python docs/results/digits_iou.py {' '.join(sys.argv[1:])} -->\n" + text)
     print(text)

@@ -12,6 +12,7 @@ excludes zero.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import pandas as pd
@@ -59,7 +60,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="markdown file to write")
     args = parser.parse_args()
     runs = load_runs(args.folders, complete_only=True)
-    table = paired_table(runs, args.reference, [m for m in args.against.split(",") if m])
+    against = [m for m in re.split(r",(?![^\[]*\])", args.against) if m]  # not at the commas of ccl:region=[4,4]
+    table = paired_table(runs, args.reference, against)
     text = ("mIoU differences in percentage points (11 classes), paired by seed; 95% CI: paired t interval over "
             "seeds (n − 1 degrees of freedom). *Within seed noise*: the interval contains 0.\n\n"
             + table.to_markdown(index=False, disable_numparse=True) + "\n")

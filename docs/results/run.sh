@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Re-creates every training number of docs/RESULTS.md (second edition; 2 CPU cores: ~1 h 45 min in all). From the
-# repository root after the README's install:
+# Re-creates every training number of docs/RESULTS.md (second edition; on 2 CPU cores about 1 h 30 min in all,
+# 2 min per run). From the repository root after the README's install:
 #     bash docs/results/run.sh [main|ablations|cost|report]...   (default: all four, in that order)
 # Runs land in docs/results/runs/<table>/<method>/seed<k>/ (config.yaml, evals.csv, metrics.json, steps.csv,
 # train.log; checkpoints are git-ignored). Finished runs are reused, so a stage can be stopped and restarted.
