@@ -25,14 +25,15 @@ from ccl_bench.metrics import SegMetrics
 from ccl_bench.report import find_runs
 
 
-def background_floor(config: dict) -> float:
+def background_floor(config: dict) -> tuple[float, int]:
+    """mIoU of predicting background everywhere, and the number of evaluation images."""
     data = config["data"]
     dataset = build_dataset(data["dataset"], data["val_split"], data["root"], **data["options"], **data["val_options"])
     metrics = SegMetrics(dataset.num_classes)
     for i in range(len(dataset)):
         _, label = dataset[i]
         metrics.update(torch.zeros_like(label)[None], label[None])
-    return metrics.compute()["miou"]
+    return metrics.compute()["miou"], len(dataset)
 
 
 def digit_miou(folders: list[str]) -> tuple[pd.DataFrame, dict]:
@@ -64,9 +65,9 @@ def main(folders: list[str], order: list[str]) -> str:
     for student in ("cnn", "vit", "ensemble"):
         mean, std = table[(student, "mean")], table[(student, "std")]
         shown[f"{student} digit mIoU"] = [f"{m:.2f}" + (f" ± {s:.2f}" if s == s else "") for m, s in zip(mean, std)]
-    floor = background_floor(config)
-    text = (f"All-background floor (11-class mIoU of predicting background everywhere on the same "
-            f"{config['data']['val_options'].get('num_images', 'all')} evaluation images): {100 * floor:.2f}%\n\n"
+    floor, images = background_floor(config)
+    text = (f"All-background floor (11-class mIoU of predicting background everywhere on the same {images} "
+            f"evaluation images): {100 * floor:.2f}%\n\n"
             "Digit-class mIoU in % (10 digit classes, background left out), mean ± std over seeds:\n\n"
             + shown.to_markdown(index=False) + "\n")
     return text

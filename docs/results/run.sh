@@ -27,7 +27,7 @@ stage_ablations() {  # final evaluation only
 }
 stage_cost() {  # seconds per step of every method and of CCL without each term (no other load on the machine)
   ccl-bench overhead "${CONFIG[@]}" --methods "$MAIN,ccl:hfd=false,ccl:rbsd=false,ccl:pbsd=false" \
-    --steps 10 --warmup 3 --out docs/results/cost.csv
+    --steps 30 --warmup 3 --out docs/results/cost.csv
 }
 stage_report() {
   ccl-bench report "$RUNS/main" --out docs/results/main --order "$MAIN"
