@@ -42,6 +42,7 @@ stage_report() {
   python docs/results/paired.py "$RUNS/main" --reference ccl --against "${MAIN%,ccl}" --out docs/results/main/paired.md
   python docs/results/paired.py "$RUNS/ablations" "$RUNS/main/ccl" --reference ccl --against "$ABLATIONS" \
     --out docs/results/ablations/paired.md
+  python docs/results/train_time.py "$RUNS/main" --out docs/results/main/train_time.md
   python docs/curve/curve.py "$RUNS/main/independent" "$RUNS/main/ccl" --students cnn,vit --out docs/results/curve
 }
 stages=("$@")
