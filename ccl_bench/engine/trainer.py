@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ccl_ops import to_label_size
 
 from .. import config as config_mod
 from ..data import build_dataset
@@ -110,12 +111,6 @@ class HoldoutSlice:
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce_sum(tensor, self.trainer.dist)
-
-
-def _to_label_size(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if z.shape[-2:] == y.shape[-2:]:
-        return z
-    return F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -284,7 +279,7 @@ class Trainer:
         with self.autocast():
             za, fa = self.nets[0](xa, return_features=True)
             zb, fb = self.nets[1](xb, return_features=True)
-            out = self.method(StudentOutput(_to_label_size(za, y), fa), StudentOutput(_to_label_size(zb, y), fb), y)
+            out = self.method(StudentOutput(to_label_size(za, y), fa), StudentOutput(to_label_size(zb, y), fb), y)
         total = sum(v.float() for v in out.terms.values())
         return total, out
 
@@ -333,8 +328,8 @@ class Trainer:
         for x, y in bar:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast():
-                za = _to_label_size(self.students[0](x), y).float()
-                zb = _to_label_size(self.students[1](x), y).float()
+                za = to_label_size(self.students[0](x), y).float()
+                zb = to_label_size(self.students[1](x), y).float()
             meters.update(za, zb, y)
             if self.dist.is_main and sum(len(k[0]) for k in kept) < overlays:
                 kept.append((x.cpu(), y.cpu(), za.cpu(), zb.cpu()))
