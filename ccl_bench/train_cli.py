@@ -58,8 +58,7 @@ def _check_data(configs) -> None:
         seen.add(key)
         for split, extra in ((d["train_split"], d["train_options"]), (d["val_split"], d["val_options"])):
             dataset = build_dataset(d["dataset"], split, d["root"], **{**d["options"], **extra})
-            if hasattr(dataset, "check_files"):
-                dataset.check_files()
+            dataset.check_files()
 
 
 def _overrides(args) -> list[str]:

@@ -197,7 +197,7 @@ class Trainer:
         self.val_set = build_dataset(d["dataset"], d["val_split"], d["root"], **{**common, **d["val_options"]})
         self.num_classes = self.train_set.num_classes
         self.ignore_index = self.train_set.ignore_index
-        self.class_names = list(getattr(self.train_set, "class_names", []))
+        self.class_names = list(self.train_set.class_names)
 
     def _build_models(self) -> None:
         cfg = self.config
@@ -227,7 +227,7 @@ class Trainer:
         torch.manual_seed(self.seed * 1000 + 3 + self.dist.rank)  # dropout, drop-path, invariant views
         # training indices (minus a method's held-out slice) and the data order
         n = len(self.train_set)
-        fraction = getattr(self.method, "holdout_fraction", 0.0)
+        fraction = self.method.holdout_fraction
         if fraction > 0:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
             k = max(1, round(n * fraction))
@@ -352,9 +352,9 @@ class Trainer:
         region = tuple(options.get("region", (16, 16)))
         m_ab, m_ba, _ = selection_masks(za, zb, y, rule, self.ignore_index)
         regions = ccl_ops.region_direction_mask(za, zb, y, region=region, ignore_index=self.ignore_index).direction
-        transform = getattr(self.val_set, "transform", None)
-        mean = torch.tensor(getattr(transform, "mean", None) or (0.0, 0.0, 0.0))[:, None, None]
-        std = torch.tensor(getattr(transform, "std", None) or (1.0, 1.0, 1.0))[:, None, None]
+        transform = self.val_set.transform  # undo its normalisation (none when mean/std are None)
+        mean = torch.tensor(transform.mean or (0.0, 0.0, 0.0))[:, None, None]
+        std = torch.tensor(transform.std or (1.0, 1.0, 1.0))[:, None, None]
         images = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         np.savez_compressed(
             os.path.join(self.run_dir, "overlays.npz"), images=images.numpy(), labels=y.numpy(),
