@@ -181,6 +181,7 @@ def cmd_compare(args) -> int:
         _check_data([config for _, _, config in configs])
         info = distributed.setup(configs[0][2]["train"]["device"])
         start = time.perf_counter()
+
         def say(text: str) -> None:
             if info.is_main:
                 print(text, file=sys.stderr)
