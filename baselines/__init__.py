@@ -1,12 +1,17 @@
-"""Baselines for online distillation between a CNN and a ViT student (METHOD.md §6).
+"""The baselines' losses for online distillation between a CNN and a ViT student (METHOD.md §6).
 
-``independent`` (no exchange), ``dml`` (Zhang et al., CVPR 2018) and the per-pixel adaptation of KDCL
-(Guo et al., CVPR 2020): ``kdcl-naive``, ``kdcl-linear``, ``kdcl-minlogit``, ``kdcl-general``. Every KL goes
-through :func:`ccl_ops.pixel_selective_kl`. Importing this package registers them in
-:mod:`ccl_bench.methods`.
+Plain functions over logits and labels, depending only on ``torch`` and :mod:`ccl_ops` (every KL goes through
+:func:`ccl_ops.pixel_selective_kl`), the way :mod:`ccl_ops.losses` holds the proposed method's:
+
+* :mod:`baselines.dml`: deep mutual learning (Zhang et al., CVPR 2018), the mutual KL at every valid pixel;
+* :mod:`baselines.kdcl`: the per-pixel adaptation of KDCL (Guo et al., CVPR 2020), its ensemble teachers
+  (naive, linear, min-logit, general) and the loss that distils each student from a teacher.
+
+The co-training methods built on them (``dml``, ``kdcl-*``) are in :mod:`ccl_bench.methods`.
 """
-from .dml import DML, Independent
-from .kdcl import KDCL_VARIANTS, KDCLGeneral, KDCLLinear, KDCLMinLogit, KDCLNaive, linear_alpha
+from .dml import mutual_kl
+from .kdcl import (ensemble_weights, error_covariance, general_teacher, kdcl_loss, linear_alpha, linear_teacher,
+                   min_logit_teacher, naive_teacher, prediction_errors, project_to_simplex)
 
-__all__ = ["Independent", "DML", "KDCLNaive", "KDCLLinear", "KDCLMinLogit", "KDCLGeneral", "KDCL_VARIANTS",
-           "linear_alpha"]
+__all__ = ["mutual_kl", "naive_teacher", "linear_alpha", "linear_teacher", "min_logit_teacher", "prediction_errors",
+           "error_covariance", "ensemble_weights", "project_to_simplex", "general_teacher", "kdcl_loss"]

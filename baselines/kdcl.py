@@ -1,67 +1,39 @@
 """KDCL (Guo et al., CVPR 2020) adapted per pixel (METHOD.md §6): each student distils from a detached ensemble
 teacher ``zt`` built from both students. *Per-pixel KDCL is our adaptation of a classification method.*
 
-``L = CE_a + CE_b + l T^2 [KL(softmax(zt/T) || p_a) + KL(softmax(zt/T) || p_b)]``; the KL is
-``ccl_ops.pixel_selective_kl(z, zt, y, rule="all").loss_a`` (the teacher side is a constant inside the op).
+``L = CE_a + CE_b + l T^2 [KL(softmax(zt/T) || p_a) + KL(softmax(zt/T) || p_b)]``: :func:`kdcl_loss` is one of
+the KL terms. The teachers take detached (N, C, H, W) logits at the label resolution and return teacher logits
+of the same shape:
+
+* naive: the student with the lower cross-entropy at each pixel (ties go to A);
+* linear: ``alpha za + (1 - alpha) zb``, ``alpha`` minimising the batch cross-entropy;
+* min-logit: ``zt^j = min_s (z_s^j - z_s^y)``;
+* general: the probability ensemble weighted by the inverse error covariance of the students, projected onto
+  the simplex (:func:`prediction_errors` -> :func:`error_covariance` -> :func:`ensemble_weights`).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 import ccl_ops
 from ccl_ops.reference import selection_masks
-from ccl_bench.methods.base import Method, MethodOutput
-from ccl_bench.methods.registry import register
 
 
-class KDCL(Method):
-    description = "KDCL (per-pixel adaptation)"
-    defaults = {"temperature": 2.0, "lambda_kl": 1.0, "invariant": False, "invariant_strength": 0.2}
-
-    def teacher(self, za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Ensemble teacher logits (no gradient), same shape as ``za``."""
-        raise NotImplementedError
-
-    def views(self, x):
-        """Invariant mode: each student sees its own random photometric perturbation (geometry unchanged, so the
-        labels and the per-pixel teacher stay aligned)."""
-        if not self.options["invariant"] or not self.training:
-            return x, x
-        return self._perturb(x), self._perturb(x)
-
-    def _perturb(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.options["invariant_strength"]
-        n = x.shape[0]
-        gain = 1 + s * (2 * torch.rand(n, 1, 1, 1) - 1)
-        shift = s * (2 * torch.rand(n, x.shape[1], 1, 1) - 1)
-        return x * gain.to(x) + shift.to(x)
-
-    def losses(self, out_a, out_b, y) -> MethodOutput:
-        t = self.options["temperature"]
-        with torch.no_grad():
-            zt = self.teacher(out_a.logits.detach(), out_b.logits.detach(), y)
-        terms = self.ce_terms(out_a, out_b, y)
-        for key, out in (("kl_a", out_a), ("kl_b", out_b)):
-            kl = ccl_ops.pixel_selective_kl(out.logits, zt.to(out.logits.dtype), y, temperature=t, rule="all",
-                                            ignore_index=self.ignore_index)
-            terms[key] = self.options["lambda_kl"] * kl.loss_a
-        return MethodOutput(terms)
+def kdcl_loss(z: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, *, temperature: float,
+              ignore_index: int = 255) -> torch.Tensor:
+    """``T^2 KL(softmax(zt/T) || softmax(z/T))`` averaged over the valid pixels; the teacher ``zt`` is a constant
+    (the op stops its gradient), so only ``z`` learns."""
+    return ccl_ops.pixel_selective_kl(z, zt.to(z.dtype), y, temperature=temperature, rule="all",
+                                      ignore_index=ignore_index).loss_a
 
 
-def _target(y: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return torch.where(y == ignore_index, 0, y)
-
-
-@register
-class KDCLNaive(KDCL):
-    name = "kdcl-naive"
-    description = "KDCL-Naive (per-pixel adaptation): teacher = the student with the lower CE at each pixel"
-
-    def teacher(self, za, zb, y):
-        # B teaches where its CE is strictly lower (the "confidence" selection of ccl_ops), A elsewhere.
-        _, b_better, _ = selection_masks(za, zb, y, "confidence", self.ignore_index)
-        return torch.where(b_better[:, None], zb, za)
+def naive_teacher(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """B's logits where B's cross-entropy is strictly lower (the "confidence" selection of ccl_ops), A's elsewhere."""
+    _, b_better, _ = selection_masks(za, zb, y, "confidence", ignore_index)
+    return torch.where(b_better[:, None], zb, za)
 
 
 def linear_alpha(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor, ignore_index: int = 255,
@@ -94,34 +66,30 @@ def linear_alpha(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor, ignore_ind
     return 0.5 * (lo + hi)
 
 
-@register
-class KDCLLinear(KDCL):
-    name = "kdcl-linear"
-    description = "KDCL-Linear (per-pixel adaptation): teacher = alpha za + (1 - alpha) zb, alpha minimising the batch CE"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_buffer("alpha", torch.tensor(0.5), persistent=False)
-
-    def teacher(self, za, zb, y):
-        alpha = linear_alpha(za, zb, y, self.ignore_index)
-        self.alpha.fill_(alpha)
-        return alpha * za + (1 - alpha) * zb
-
-    def losses(self, out_a, out_b, y):
-        out = super().losses(out_a, out_b, y)
-        out.stats["alpha"] = self.alpha.clone()
-        return out
+def linear_teacher(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor,
+                   ignore_index: int = 255) -> tuple[torch.Tensor, float]:
+    """The linear ensemble and its ``alpha`` (:func:`linear_alpha`, one per batch)."""
+    alpha = linear_alpha(za, zb, y, ignore_index)
+    return alpha * za + (1 - alpha) * zb, alpha
 
 
-@register
-class KDCLMinLogit(KDCL):
-    name = "kdcl-minlogit"
-    description = "KDCL-MinLogit (per-pixel adaptation): zt^j = min_s (z_s^j - z_s^y)"
+def min_logit_teacher(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """``zt^j = min_s (z_s^j - z_s^y)``; ignored pixels use class 0 as their target (their KL never counts)."""
+    index = torch.where(y == ignore_index, 0, y)[:, None]
+    return torch.minimum(za - za.gather(1, index), zb - zb.gather(1, index))
 
-    def teacher(self, za, zb, y):
-        index = _target(y, self.ignore_index)[:, None]
-        return torch.minimum(za - za.gather(1, index), zb - zb.gather(1, index))
+
+def prediction_errors(z: torch.Tensor, y: torch.Tensor, temperature: float, ignore_index: int = 255) -> torch.Tensor:
+    """``softmax(z/T) - onehot(y)`` at the valid pixels, (P, C) in float32: one student's errors for KDCL-General."""
+    valid = y != ignore_index
+    p = torch.softmax(z.float() / temperature, 1).permute(0, 2, 3, 1)[valid]
+    return p - F.one_hot(y[valid], z.shape[1]).float()
+
+
+def error_covariance(errors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The (S, S) float64 sum over pixels and classes of ``e_s e_t`` for the students' errors ``errors[s]``."""
+    e = torch.stack(list(errors)).double()  # (S, P, C)
+    return torch.einsum("spc,tpc->st", e, e)
 
 
 def project_to_simplex(w: torch.Tensor) -> torch.Tensor:
@@ -130,60 +98,20 @@ def project_to_simplex(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum()
 
 
-@register
-class KDCLGeneral(KDCL):
-    name = "kdcl-general"
-    description = ("KDCL-General (per-pixel adaptation): probability ensemble weighted by the inverse error "
-                   "covariance on a held-out slice of the training set, projected onto the simplex, "
-                   "re-estimated at the start of every epoch after the first (equal weights before)")
-    defaults = {**KDCL.defaults, "holdout": 0.1, "ridge": 1e-6}
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not 0 < self.options["holdout"] < 1:
-            raise ValueError(f"method 'kdcl-general': holdout={self.options['holdout']!r}; expected a fraction "
-                             "of the training set in (0, 1)")
-        self.holdout_fraction = self.options["holdout"]
-        self.register_buffer("weights", torch.tensor([0.5, 0.5]))  # checkpointed: resume keeps the estimate
-
-    def on_epoch_start(self, epoch, holdout):
-        # METHOD §6: equal weights during the first epoch (no trained students to estimate from yet); the
-        # unconstrained estimate on untrained students gave weights like 5 and -4 and collapsed both students.
-        if holdout is None or epoch == 0:
-            return
-        cov = torch.zeros(2, 2, dtype=torch.float64)
-        count = torch.zeros((), dtype=torch.float64)
-        a, b = self._students
-        with torch.no_grad():
-            for x, y in holdout:
-                errors = []
-                for model in (a, b):
-                    z = model(x)
-                    if z.shape[-2:] != y.shape[-2:]:
-                        z = F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=False)
-                    valid = y != self.ignore_index
-                    p = torch.softmax(z.float() / self.options["temperature"], 1).permute(0, 2, 3, 1)[valid]
-                    errors.append(p - F.one_hot(y[valid], z.shape[1]).float())
-                e = torch.stack(errors)  # (2, P, C)
-                cov += torch.einsum("spc,tpc->st", e.double(), e.double()).cpu()
-                count += e.shape[1]
-        cov, count = holdout.sum(cov), holdout.sum(count)  # summed over ranks
-        cov = cov / count.clamp(min=1) + self.options["ridge"] * torch.eye(2, dtype=torch.float64)
-        inv_one = torch.linalg.solve(cov, torch.ones(2, dtype=torch.float64))
-        self.weights.copy_(project_to_simplex(inv_one / inv_one.sum()).to(self.weights))
-
-    def teacher(self, za, zb, y):
-        t = self.options["temperature"]
-        w = self.weights.to(za.device, torch.float32)
-        q = w[0] * torch.softmax(za.float() / t, 1) + w[1] * torch.softmax(zb.float() / t, 1)
-        q = q.clamp(min=1e-8)
-        q = q / q.sum(1, keepdim=True)
-        return t * q.log()  # softmax(zt / T) = q
-
-    def losses(self, out_a, out_b, y):
-        out = super().losses(out_a, out_b, y)
-        out.stats["weight_a"] = self.weights[0].clone()
-        return out
+def ensemble_weights(covariance: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """KDCL-General's weights from the mean error ``covariance`` (S, S): ``(cov + ridge I)^-1 1``, normalised to
+    sum 1, then projected onto the simplex (unprojected, untrained students gave weights like 5 and -4 and
+    collapsed both students)."""
+    cov = covariance + ridge * torch.eye(covariance.shape[0], dtype=covariance.dtype)
+    inv_one = torch.linalg.solve(cov, torch.ones(covariance.shape[0], dtype=covariance.dtype))
+    return project_to_simplex(inv_one / inv_one.sum())
 
 
-KDCL_VARIANTS = ("kdcl-naive", "kdcl-linear", "kdcl-minlogit", "kdcl-general")
+def general_teacher(za: torch.Tensor, zb: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits ``zt`` with ``softmax(zt/T) = w_a softmax(za/T) + w_b softmax(zb/T)`` (float32)."""
+    t = temperature
+    w = weights.to(za.device, torch.float32)
+    q = w[0] * torch.softmax(za.float() / t, 1) + w[1] * torch.softmax(zb.float() / t, 1)
+    q = q.clamp(min=1e-8)
+    q = q / q.sum(1, keepdim=True)
+    return t * q.log()

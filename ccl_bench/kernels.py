@@ -165,6 +165,10 @@ def run_case(case: Case, fn: Callable, timer: Timer, rotations: int) -> dict:
     return row
 
 
+class BenchArgumentError(ValueError):
+    """An argument of the benchmark names a shape, dtype, op or device it cannot run."""
+
+
 def run(device: str = "cpu", shapes: str | None = None, dtypes: str = "float32", ops: str = ",".join(OPS),
         impls: str | None = None, warmup: int = 3, reps: int = 10, rotations: int | None = None):
     """All cases as a pandas DataFrame, with ratios against eager and compile and the % of copy bandwidth."""
@@ -172,17 +176,17 @@ def run(device: str = "cpu", shapes: str | None = None, dtypes: str = "float32",
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available on this machine")
+        raise BenchArgumentError("--device cuda: no CUDA device is available on this machine")
     shape_list = [tuple(int(v) for v in s.split("x")) for s in (shapes or DEFAULT_SHAPES[dev.type]).split(",")]
     for s in shape_list:
         if len(s) != 4:
-            raise SystemExit(f"--shapes: each shape is NxCxHxW, got {'x'.join(map(str, s))}")
+            raise BenchArgumentError(f"--shapes: each shape is NxCxHxW, got {'x'.join(map(str, s))}")
     bad = [d for d in dtypes.split(",") if d not in DTYPES]
     if bad:
-        raise SystemExit(f"--dtypes: unknown {bad}; expected some of {list(DTYPES)}")
+        raise BenchArgumentError(f"--dtypes: unknown {bad}; expected some of {list(DTYPES)}")
     bad = [o for o in ops.split(",") if o not in OPS]
     if bad:
-        raise SystemExit(f"--ops: unknown {bad}; expected some of {list(OPS)}")
+        raise BenchArgumentError(f"--ops: unknown {bad}; expected some of {list(OPS)}")
     # On CUDA, rotate through enough input sets that L2 cannot serve them (H100/H200 L2: 50-60 MB).
     rotations = rotations or (3 if dev.type == "cuda" else 1)
     timer = Timer(dev, warmup, reps)
@@ -230,7 +234,11 @@ def main(args: argparse.Namespace) -> int:
     import sys
 
     device = torch.device(args.device)
-    table = run(args.device, args.shapes, args.dtypes, args.ops, args.impls, args.warmup, args.reps, args.rotations)
+    try:
+        table = run(args.device, args.shapes, args.dtypes, args.ops, args.impls, args.warmup, args.reps,
+                    args.rotations)
+    except BenchArgumentError as exc:  # the message alone, as argparse does for its own errors
+        raise SystemExit(str(exc)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / f"kernels_{device.type}.csv"

@@ -24,7 +24,8 @@ import functools
 
 import torch
 
-from ccl_ops.reference import SelectiveKL, selection_masks
+from ccl_ops import SelectiveKL
+from ccl_ops.reference import selection_masks
 
 
 @functools.lru_cache(maxsize=None)

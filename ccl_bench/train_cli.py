@@ -58,8 +58,7 @@ def _check_data(configs) -> None:
         seen.add(key)
         for split, extra in ((d["train_split"], d["train_options"]), (d["val_split"], d["val_options"])):
             dataset = build_dataset(d["dataset"], split, d["root"], **{**d["options"], **extra})
-            if hasattr(dataset, "check_files"):
-                dataset.check_files()
+            dataset.check_files()
 
 
 def _overrides(args) -> list[str]:
@@ -163,17 +162,13 @@ def cmd_train(args) -> int:
 QUICK_METHODS = "independent,dml,kdcl-minlogit,ccl"
 
 
-def run_dir_name(spec: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_=.+" else "_" for c in spec)
-
-
 def cmd_compare(args) -> int:
     def run():
-        import json
         import time
 
         from .config import ConfigError
-        from .engine import distributed, run_training
+        from .engine import distributed
+        from .engine.compare import run_dir_name, train_or_reuse
         from .report import write_report
 
         specs = _split(args.methods)
@@ -186,21 +181,14 @@ def cmd_compare(args) -> int:
         _check_data([config for _, _, config in configs])
         info = distributed.setup(configs[0][2]["train"]["device"])
         start = time.perf_counter()
+
+        def say(text: str) -> None:
+            if info.is_main:
+                print(text, file=sys.stderr)
+
         try:
             for spec, seed, config in configs:
-                run_dir = os.path.join(args.out, run_dir_name(spec), f"seed{seed}")
-                metrics_path = os.path.join(run_dir, "metrics.json")
-                resume = os.path.isfile(os.path.join(run_dir, "config.yaml"))
-                if resume and os.path.isfile(metrics_path):
-                    with open(metrics_path) as f:
-                        done = json.load(f)
-                    if done.get("complete") and done.get("step", -1) >= config["train"]["iters"]:
-                        if info.is_main:
-                            print(f"compare: {run_dir} is complete; reusing it", file=sys.stderr)
-                        continue
-                if resume and info.is_main:
-                    print(f"compare: continuing {run_dir}", file=sys.stderr)
-                run_training(config, run_dir, resume=resume)
+                train_or_reuse(config, os.path.join(args.out, run_dir_name(spec), f"seed{seed}"), say)
         finally:
             distributed.teardown(info)
         if info.is_main:
@@ -253,15 +241,13 @@ def cmd_methods(args) -> int:
 
 # -- overhead -------------------------------------------------------------------------------------------------
 def cmd_overhead(args) -> int:
-    """Steps of the methods are interleaved (A B A B ...) so that load changes hit all of them alike; the median
-    over the timed steps is reported."""
+    """The median seconds of a training step per method (:mod:`ccl_bench.engine.overhead`), as a table."""
     def run():
-        import statistics
-
         import pandas as pd
 
         from .config import ConfigError
         from .engine import Trainer, distributed
+        from .engine.overhead import median_step_seconds
 
         specs = _split(args.methods)
         if not specs:
@@ -273,13 +259,7 @@ def cmd_overhead(args) -> int:
             info = distributed.setup(config["train"]["device"])
             trainers.append(Trainer(config, None, info, quiet=True))
         batch = trainers[0].fixed_batch()
-        times = [[] for _ in trainers]
-        for i in range(args.warmup + args.steps):
-            for t, record in zip(trainers, times):
-                seconds = t.timed_step(*batch)
-                if i >= args.warmup:
-                    record.append(seconds)
-        medians = [statistics.median(r) for r in times]
+        medians = median_step_seconds(trainers, batch, args.warmup, args.steps)
         # The reference (first method) is the students' CE step, so what a method adds over it is the cost of
         # its distillation terms; `extra_share` is that cost as a share of the method's own step.
         table = pd.DataFrame({"method": specs, "ms_per_step": [1000 * m for m in medians],

@@ -10,9 +10,8 @@ import math
 
 import torch
 
-RULES = ("correct", "confidence", "all")
-NORMALIZATIONS = ("valid", "selected")
-SCORES = ("ce", "accuracy")
+from .types import NORMALIZATIONS, RULES, SCORES
+
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

@@ -1,4 +1,7 @@
-"""Thin ``nn.Module`` wrappers over the ops: pixel-wise BSD (METHOD.md §1) and region-wise BSD (§3)."""
+"""Thin ``nn.Module`` wrappers over the ops: pixel-wise BSD (METHOD.md §1) and region-wise BSD (§3).
+
+The ops never resize; these modules bring logits to the label grid (bilinear), as METHOD.md asks callers.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -9,14 +12,8 @@ from torch import nn
 
 from ._validate import check_region
 from .ops import pixel_selective_kl, region_direction_mask
-from .reference import SelectiveKL
-
-
-def _to_label_size(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The ops never resize; these modules bring logits to the label grid (bilinear), as METHOD.md asks callers."""
-    if z.shape[-2:] == y.shape[-2:]:
-        return z
-    return F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=False)
+from .resize import to_label_size
+from .types import SelectiveKL
 
 
 class PixelBSDLoss(nn.Module):
@@ -29,7 +26,7 @@ class PixelBSDLoss(nn.Module):
 
     def forward(self, za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor) -> SelectiveKL:
         return pixel_selective_kl(
-            _to_label_size(za, y), _to_label_size(zb, y), y, temperature=self.temperature, rule=self.rule,
+            to_label_size(za, y), to_label_size(zb, y), y, temperature=self.temperature, rule=self.rule,
             normalize=self.normalize, ignore_index=self.ignore_index,
         )
 
@@ -63,7 +60,7 @@ class RegionBSDLoss(nn.Module):
                 y: torch.Tensor) -> RegionBSDOutput:
         with torch.no_grad():
             mask = region_direction_mask(
-                _to_label_size(za.detach(), y), _to_label_size(zb.detach(), y), y, region=self.region,
+                to_label_size(za.detach(), y), to_label_size(zb.detach(), y), y, region=self.region,
                 score=self.score, ignore_index=self.ignore_index,
             ).direction
         grid = self.grid or max(ga.shape[-2:], gb.shape[-2:], key=lambda s: s[0] * s[1])

@@ -12,7 +12,7 @@ import torch
 
 from . import reference
 from ._validate import check_kl_call, check_region_call
-from .reference import RegionMask, SelectiveKL
+from .types import RegionMask, SelectiveKL
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.ccl.*)

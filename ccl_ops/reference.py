@@ -6,32 +6,11 @@ materialised. Arithmetic runs in float32 (float64 for float64 inputs), as the fu
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from ._validate import check_kl_call, check_label_values, check_region_call
-
-
-class SelectiveKL(NamedTuple):
-    """Result of :func:`pixel_selective_kl`."""
-
-    loss_a: torch.Tensor  # A learns from B where B teaches A; scalar, differentiable w.r.t. za only
-    loss_b: torch.Tensor  # B learns from A where A teaches B; scalar, differentiable w.r.t. zb only
-    count_ab: torch.Tensor  # int64 scalar: pixels where A teaches B
-    count_ba: torch.Tensor  # int64 scalar: pixels where B teaches A
-
-    @property
-    def total(self) -> torch.Tensor:
-        return self.loss_a + self.loss_b
-
-
-class RegionMask(NamedTuple):
-    """Result of :func:`region_direction_mask`."""
-
-    direction: torch.Tensor  # int8 (N, Hr, Wr): +1 A teaches B, -1 B teaches A, 0 neither
-    scores: torch.Tensor  # float32 (N, 2, Hr, Wr): score of A and of B per region, NaN without valid pixels
+from .types import RegionMask, SelectiveKL
 
 
 def _opmath(z: torch.Tensor) -> torch.Tensor:

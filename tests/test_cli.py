@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from ccl_bench.cli import main
+from tiny_config import TINY_ARGS
 
 warnings.filterwarnings("ignore", message="ccl_ops: no compiled kernel")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one OpenMP thread: two spin against each other on a loaded 2-core machine
-TINY = ["--preset", "tiny", "--set", "train.overlays=0", "train.cpu_threads=1"]
+TINY = [*TINY_ARGS, "--set", "train.overlays=0", "train.cpu_threads=1"]
 
 
 def _env():

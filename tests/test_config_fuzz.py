@@ -18,6 +18,7 @@ from ccl_bench.config import ConfigError, defaults, dump, load_config, preset_na
 from ccl_bench.data import DATASETS, dataset_options
 from ccl_bench.methods import build_method, method_class, method_names
 from ccl_bench.train_cli import _check_data, train_config
+from tiny_config import TINY_ARGS, TINY_FILE, tiny_config
 from voc_tree import make_voc_tree
 
 warnings.filterwarnings("ignore", message="ccl_ops: no compiled kernel")
@@ -92,7 +93,8 @@ def voc_root(tmp_path_factory):
 
 
 @FUZZ
-@given(preset=st.sampled_from([None] + preset_names()),
+# "tiny" stands for the tests' tiny.yaml (a config file over the defaults, see tiny_config.py)
+@given(preset=st.sampled_from([None, "tiny"] + preset_names()),
        switch=st.none() | st.sampled_from(list(DATASETS) + ["coco", 5]),
        key=keys, text=values.map(as_yaml) | st.sampled_from(RAW))
 @example(preset="quick", switch="voc", key="data.root", text="/some/dir")  # the issue's case
@@ -100,7 +102,7 @@ def voc_root(tmp_path_factory):
 @example(preset="tiny", switch=None, key="data.options", text="{root: x}")
 @example(preset="tiny", switch="voc", key="data.train_options", text="{crop_size: [0, 4]}")
 def test_any_set_override_validates_or_names_the_key(preset, switch, key, text, voc_root):
-    argv = (["--preset", preset] if preset else []) + ["--set"]
+    argv = (TINY_ARGS if preset == "tiny" else ["--preset", preset] if preset else []) + ["--set"]
     if switch is not None:  # a VOC switch gets a real folder, so that the datasets are built below
         argv += [f"data.dataset={switch}"] + ([f"data.root={voc_root}"] if switch in ("voc", "voc_aug") else [])
     argv += [f"{key}={text}"]
@@ -150,7 +152,7 @@ def test_any_method_spec_validates_or_names_the_option(spec, students):
     method, options = spec
     text = ":".join([method] + [f"{k}={as_yaml(v)}" for k, v in options])
     try:
-        config = train_config(_args(["--preset", "tiny", "--method", text]))
+        config = train_config(_args([*TINY_ARGS, "--method", text]))
     except ConfigError as exc:
         _assert_clear(exc, *([text] + [k for k, _ in options if k]))
         return
@@ -165,7 +167,7 @@ def test_any_method_spec_validates_or_names_the_option(spec, students):
 @pytest.mark.parametrize("dim", [0, -3])
 def test_ccl_rejects_a_non_positive_rbsd_dim(dim, students):
     with pytest.raises(ValueError, match="rbsd_dim"):
-        build_method("ccl", students, 11, 255, **load_config("tiny", None, [f"methods.ccl.rbsd_dim={dim}"])[
+        build_method("ccl", students, 11, 255, **tiny_config(f"methods.ccl.rbsd_dim={dim}")[
             "methods"]["ccl"])
 
 
@@ -181,8 +183,8 @@ def students():
 
 
 # -- the semantics, example by example -------------------------------------------------------------------------
-def _cfg(*overrides, preset="tiny"):
-    return load_config(preset, None, list(overrides))
+def _cfg(*overrides):
+    return tiny_config(*overrides)
 
 
 def test_empty_mapping_or_null_resets_a_mapping_to_its_default():
@@ -214,7 +216,7 @@ def test_options_are_checked_against_the_constructors():
                                           r"options: .*crop_size.*data\.options=\{\}"):
         _cfg("data.options.crop=1")
     with pytest.raises(ConfigError, match=r"data.train_options.num_images=16: dataset 'voc' has no option"):
-        load_config("tiny", None, ["data.dataset=voc", "data.train_options.num_images=16"])
+        tiny_config("data.dataset=voc", "data.train_options.num_images=16")
     with pytest.raises(ConfigError, match=r"students\.vit\.options\.decoder_channels='a'; .* expects "
                                           r"decoder_channels: int \| None = None"):
         _cfg("students.vit.options.decoder_channels=a")
@@ -226,7 +228,7 @@ def test_options_are_checked_against_the_constructors():
 def test_config_file_layers_merge_and_reset(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("students:\n  cnn:\n    options: {}\n  vit:\n    options: {pretrained: false}\n")
-    config = load_config("tiny", str(path))
+    config = load_config(None, [TINY_FILE, str(path)])
     assert config["students"]["cnn"]["options"] == {}
     assert config["students"]["vit"]["options"] == {"decoder_channels": 16, "pretrained": False}
 
@@ -250,6 +252,6 @@ def test_help_documents_the_reset(capsys):
 
 @pytest.mark.parametrize("spec", ["", ",", " , "])
 def test_compare_without_methods_is_an_error(spec, capsys, tmp_path):
-    assert main(["compare", "--methods", spec, "--out", str(tmp_path / "c"), "--preset", "tiny"]) == 2
+    assert main(["compare", "--methods", spec, "--out", str(tmp_path / "c"), *TINY_ARGS]) == 2
     assert "expected at least one method" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "c")

@@ -12,11 +12,12 @@ import torch
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
-from ccl_bench.config import ConfigError, load_config
+from ccl_bench.config import ConfigError
 from ccl_bench.engine import (CheckpointError, NonFiniteLossError, RunDirError, Trainer, TrainingInterrupted,
                               export_student, load_checkpoint, run_training)
 from ccl_bench.methods.ccl import CCL
 from ccl_bench.models import build_student
+from tiny_config import tiny_config
 
 warnings.filterwarnings("ignore", message="ccl_ops: no compiled kernel")
 
@@ -31,8 +32,7 @@ def one_thread():
 
 
 def tiny(method="ccl", *overrides, **direct):
-    return load_config("tiny", overrides=list(overrides), method=method,
-                       **{"train.overlays": 0, **direct})
+    return tiny_config(*overrides, method=method, **{"train.overlays": 0, **direct})
 
 
 def _state(path):

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ccl_bench.cli import main
 from ccl_bench.data import DataFileError, build_dataset
+from tiny_config import TINY_ARGS
 from voc_tree import IDS, make_voc_tree
 
 warnings.filterwarnings("ignore", message="ccl_ops: no compiled kernel")
@@ -169,7 +170,7 @@ def test_dataset_with_a_broken_file_names_it(kind, split, value):
         shutil.rmtree(root)
 
 
-TRAIN = ["train", "--method", "independent", "--preset", "tiny", "--iters", "1"]
+TRAIN = ["train", "--method", "independent", *TINY_ARGS, "--iters", "1"]
 
 
 @pytest.mark.parametrize("kind", ["unreadable image", "label of another size", "colour label"])

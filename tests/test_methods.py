@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from baselines import linear_alpha
-from baselines.kdcl import project_to_simplex
+from baselines.kdcl import linear_alpha, project_to_simplex
 from ccl_bench.methods import StudentOutput, build_method, method_names, parse_method_spec
 from ccl_bench.models import build_student, run_stage
 

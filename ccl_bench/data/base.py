@@ -111,6 +111,9 @@ class SegDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def check_files(self) -> None:
+        """Check the files behind the items before training (nothing to check for generated data)."""
+
     def __getitem__(self, index: int):
         image, label = self.load(index)
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)

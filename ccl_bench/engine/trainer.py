@@ -6,42 +6,31 @@ the method's parameters that belong to it). Evaluation covers both students and 
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
 import signal
 import threading
 import time
 from contextlib import nullcontext
-from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
+
+from ccl_ops import to_label_size
 
 from .. import config as config_mod
 from ..data import build_dataset
 from ..methods import StudentOutput, build_method
-from ..metrics import StudentMetrics
 from ..models import build_student
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .evaluation import eval_row, evaluate_students, result_summary, save_overlays
 from .logging import CSVLog, Messages, TensorBoard
 from .optim import build_optimizer, build_scheduler
+from .run_dir import checkpoint_path, prepare_run_dir, read_metrics, write_metrics, write_run_config
+from .sampling import EVAL_STREAM, HoldoutSlice, TrainingOrder, private_generator, split_holdout
 
 STUDENTS = ("cnn", "vit")  # student A, student B
-# keys that may change when a run is resumed (everything else must match the run's saved config)
-RESUMABLE_CHANGES = {"train.iters", "train.cpu_threads", "train.eval_interval", "train.checkpoint_interval",
-                     "train.log_interval", "train.progress", "train.tensorboard", "data.num_workers", "train.overlays"}
-RUN_FILES = ("config.yaml", "metrics.json", "steps.csv", "evals.csv", "train.log", "overlays.npz",
-             "checkpoints", "tensorboard")
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked (it holds a run and neither --resume nor --overwrite)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,107 +43,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
-
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of dataset item ``index`` in ``epoch`` (independent of ranks and workers)."""
-    return (((seed * 1_000_003) + epoch) * 1_000_003 + index) % (2 ** 63)
-
-
-def private_generator(seed: int, stream: int) -> torch.Generator:
-    """A generator for a DataLoader's worker seeds, so that creating a loader leaves the global generator (dropout,
-    views) untouched: a resumed run draws exactly what the uninterrupted one draws."""
-    return torch.Generator().manual_seed(item_seed(seed, stream, 0))
-
-
-class SeededItems(Dataset):
-    """``dataset[(index, seed)]``: the item drawn with the global torch generator seeded by ``seed`` (the
-    caller's generator state is restored), so augmentations do not depend on workers or on resuming."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
-
-
-class HoldoutSlice:
-    """Batches of the held-out training slice for a method's per-epoch estimate (students in eval mode)."""
-
-    def __init__(self, trainer: "Trainer", indices: list[int]):
-        self.trainer, self.indices = trainer, indices
-
-    def __iter__(self):
-        t = self.trainer
-        mine = self.indices[t.dist.rank::t.dist.world_size]
-        keys = [(i, item_seed(t.seed, -1, i)) for i in mine]
-        loader = DataLoader(SeededItems(t.train_set), batch_size=t.config["data"]["eval_batch_size"],
-                            sampler=keys, num_workers=t.config["data"]["num_workers"],
-                            generator=private_generator(t.seed, -1))
-        modes = [m.training for m in t.students]
-        for m in t.students:
-            m.eval()
-        try:
-            for x, y in loader:
-                with t.autocast():
-                    yield x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
-        finally:
-            for m, mode in zip(t.students, modes):
-                m.train(mode)
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return distributed.all_reduce_sum(tensor, self.trainer.dist)
-
-
-def _to_label_size(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if z.shape[-2:] == y.shape[-2:]:
-        return z
-    return F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value and not prefix.startswith("methods"):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def prepare_run_dir(run_dir: str, config: dict, resume: bool, overwrite: bool) -> tuple[dict, str | None]:
-    """Check ``run_dir`` against the request; return the config to use and the checkpoint to resume from."""
-    saved_config = os.path.join(run_dir, "config.yaml")
-    last = os.path.join(run_dir, "checkpoints", "last.pt")
-    holds_run = os.path.isdir(run_dir) and any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES)
-    if resume and overwrite:
-        raise RunDirError("--resume and --overwrite exclude each other")
-    if resume:
-        if not os.path.isfile(saved_config):
-            raise RunDirError(f"--resume: {run_dir!r} holds no run (no config.yaml); start it without --resume")
-        saved = config_mod.validate(config_mod.load_file(saved_config))
-        ours, theirs = _flat(config), _flat(saved)
-        changed = sorted(k for k in set(ours) | set(theirs)
-                         if ours.get(k) != theirs.get(k) and k not in RESUMABLE_CHANGES)
-        if changed:
-            details = "; ".join(f"{k}: run has {theirs.get(k)!r}, asked {ours.get(k)!r}" for k in changed[:6])
-            raise RunDirError(f"--resume {run_dir!r}: the config differs from the run's in keys that cannot change "
-                              f"on resume ({details}); only {sorted(RESUMABLE_CHANGES)} may")
-        for key in RESUMABLE_CHANGES:
-            section, name = key.split(".")
-            saved[section][name] = config[section][name]
-        return saved, (last if os.path.isfile(last) else None)
-    if holds_run:
-        if not overwrite:
-            raise RunDirError(f"--out {run_dir!r} already holds a run; pass --resume to continue it, --overwrite "
-                              "to replace it, or choose another --out")
-    return config, None
 
 
 class Trainer:
@@ -202,7 +90,7 @@ class Trainer:
         self.val_set = build_dataset(d["dataset"], d["val_split"], d["root"], **{**common, **d["val_options"]})
         self.num_classes = self.train_set.num_classes
         self.ignore_index = self.train_set.ignore_index
-        self.class_names = list(getattr(self.train_set, "class_names", []))
+        self.class_names = list(self.train_set.class_names)
 
     def _build_models(self) -> None:
         cfg = self.config
@@ -231,23 +119,15 @@ class Trainer:
             self.nets = list(self.students)
         torch.manual_seed(self.seed * 1000 + 3 + self.dist.rank)  # dropout, drop-path, invariant views
         # training indices (minus a method's held-out slice) and the data order
-        n = len(self.train_set)
-        fraction = getattr(self.method, "holdout_fraction", 0.0)
-        if fraction > 0:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-            k = max(1, round(n * fraction))
-            self.holdout = HoldoutSlice(self, sorted(perm[:k]))
-            self.train_indices = sorted(perm[k:])
-        else:
-            self.holdout, self.train_indices = None, list(range(n))
-        self.sampler = DistributedSampler(self.train_indices, num_replicas=self.dist.world_size,
-                                          rank=self.dist.rank, shuffle=True, seed=self.seed, drop_last=True)
-        bs = cfg["data"]["batch_size"]
-        self.steps_per_epoch = len(self.sampler) // bs
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"data.batch_size={bs}: the training set gives {len(self.sampler)} items per process "
-                             f"({len(self.train_indices)} in all, {self.dist.world_size} processes); expected at "
-                             "least one full batch")
+        d = cfg["data"]
+        held_out, self.train_indices = split_holdout(len(self.train_set), self.method.holdout_fraction, self.seed)
+        self.holdout = HoldoutSlice(
+            self.train_set, held_out, seed=self.seed, batch_size=d["eval_batch_size"], num_workers=d["num_workers"],
+            students=self.students, device=self.device, autocast=self.autocast, dist=self.dist) if held_out else None
+        self.order = TrainingOrder(self.train_set, self.train_indices, seed=self.seed, batch_size=d["batch_size"],
+                                   num_workers=d["num_workers"], pin_memory=self.device.type == "cuda",
+                                   dist=self.dist)
+        self.steps_per_epoch = self.order.steps_per_epoch
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -256,16 +136,7 @@ class Trainer:
 
     def epoch_loader(self, epoch: int, offset: int) -> DataLoader:
         """Batches ``offset..`` of ``epoch`` for this rank (the same for every method and after a resume)."""
-        self.sampler.set_epoch(epoch)
-        positions = list(self.sampler)
-        bs = self.config["data"]["batch_size"]
-        batches = []
-        for b in range(offset, self.steps_per_epoch):
-            items = [self.train_indices[p] for p in positions[b * bs:(b + 1) * bs]]
-            batches.append([(i, item_seed(self.seed, epoch, i)) for i in items])
-        return DataLoader(SeededItems(self.train_set), batch_sampler=batches,
-                          num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda",
-                          generator=private_generator(self.seed, epoch))
+        return self.order.loader(epoch, offset)
 
     def batches(self):
         """Endless ``(x, y)`` from the current step on; calls the method's epoch hook at each epoch start."""
@@ -284,7 +155,7 @@ class Trainer:
         with self.autocast():
             za, fa = self.nets[0](xa, return_features=True)
             zb, fb = self.nets[1](xb, return_features=True)
-            out = self.method(StudentOutput(_to_label_size(za, y), fa), StudentOutput(_to_label_size(zb, y), fb), y)
+            out = self.method(StudentOutput(to_label_size(za, y), fa), StudentOutput(to_label_size(zb, y), fb), y)
         total = sum(v.float() for v in out.terms.values())
         return total, out
 
@@ -315,63 +186,28 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, overlays: int = 0) -> dict:
+        """Metrics of both students and their ensemble; the first ``overlays`` images to ``overlays.npz``."""
         d = self.config["data"]
         n = len(self.val_set) if d["val_limit"] is None else min(d["val_limit"], len(self.val_set))
         mine = list(range(n))[self.dist.rank::self.dist.world_size]
         loader = DataLoader(self.val_set, batch_size=d["eval_batch_size"], sampler=mine,
                             num_workers=d["num_workers"], pin_memory=self.device.type == "cuda",
-                            generator=private_generator(self.seed, -2))
-        meters = StudentMetrics(self.num_classes, self.ignore_index, self.device)
-        distributed.broadcast_buffers(self.students, self.dist)
-        for m in self.students:
-            m.eval()
-        kept: list[tuple] = []
-        from tqdm.auto import tqdm
-
-        bar = tqdm(loader, desc=f"eval {self.label}", leave=False, unit="batch",
-                   disable=not (self.dist.is_main and self.config["train"]["progress"]))
-        for x, y in bar:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                za = _to_label_size(self.students[0](x), y).float()
-                zb = _to_label_size(self.students[1](x), y).float()
-            meters.update(za, zb, y)
-            if self.dist.is_main and sum(len(k[0]) for k in kept) < overlays:
-                kept.append((x.cpu(), y.cpu(), za.cpu(), zb.cpu()))
-        for m in self.students:
-            m.train()
-        result = meters.compute()
+                            generator=private_generator(self.seed, EVAL_STREAM))
+        progress = f"eval {self.label}" if self.dist.is_main and self.config["train"]["progress"] else None
+        result, kept = evaluate_students(self.students, loader, num_classes=self.num_classes,
+                                         ignore_index=self.ignore_index, device=self.device, dist=self.dist,
+                                         autocast=self.autocast, overlays=overlays, progress=progress)
         if kept and self.run_dir:
-            self._save_overlays(kept, overlays)
+            transform = self.val_set.transform  # undo its normalisation (none when mean/std are None)
+            save_overlays(os.path.join(self.run_dir, "overlays.npz"), kept, overlays,
+                          method_options=config_mod.method_options(self.config), ignore_index=self.ignore_index,
+                          mean=transform.mean, std=transform.std, step=self.step)
         return result
-
-    def _save_overlays(self, kept, count: int) -> None:
-        """Validation images with both predictions and who-teaches-where maps (pixels and regions)."""
-        import ccl_ops
-        from ccl_ops.reference import selection_masks
-
-        x, y, za, zb = (torch.cat(parts)[:count] for parts in zip(*kept))
-        options = config_mod.method_options(self.config)
-        rule = options.get("rule", "correct")
-        rule = "correct" if rule == "all" else rule
-        region = tuple(options.get("region", (16, 16)))
-        m_ab, m_ba, _ = selection_masks(za, zb, y, rule, self.ignore_index)
-        regions = ccl_ops.region_direction_mask(za, zb, y, region=region, ignore_index=self.ignore_index).direction
-        transform = getattr(self.val_set, "transform", None)
-        mean = torch.tensor(getattr(transform, "mean", None) or (0.0, 0.0, 0.0))[:, None, None]
-        std = torch.tensor(getattr(transform, "std", None) or (1.0, 1.0, 1.0))[:, None, None]
-        images = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-        np.savez_compressed(
-            os.path.join(self.run_dir, "overlays.npz"), images=images.numpy(), labels=y.numpy(),
-            pred_cnn=za.argmax(1).numpy(), pred_vit=zb.argmax(1).numpy(),
-            pixel_direction=(m_ab.to(torch.int8) - m_ba.to(torch.int8)).numpy(), region_direction=regions.numpy(),
-            region=np.array(region), rule=np.array(rule), step=np.array(self.step),
-            ignore_index=np.array(self.ignore_index))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> str:
-        return os.path.join(self.run_dir, "checkpoints", "last.pt")
+        return checkpoint_path(self.run_dir)
 
     def save(self) -> None:
         distributed.broadcast_buffers([*self.students, self.method], self.dist)
@@ -475,15 +311,12 @@ class Trainer:
                 if self.step % cfg["eval_interval"] == 0 or last:
                     self.elapsed += time.perf_counter() - tick
                     result = self.evaluate(overlays=cfg["overlays"] if last else 0)
-                    row = {"step": self.step, **{f"miou_{k}": result[m]["miou"] for k, m in
-                                                 (("cnn", "a"), ("vit", "b"), ("ensemble", "ensemble"))},
-                           **{f"acc_{k}": result[m]["pixel_acc"] for k, m in
-                              (("cnn", "a"), ("vit", "b"), ("ensemble", "ensemble"))}}
+                    row = eval_row(self.step, result)
                     self.history.append(row)
                     metrics = self._metrics_dict(result)
                     if main:
                         evals_log.write(row)
-                        self._write_metrics(metrics)
+                        write_metrics(self.run_dir, metrics)
                     board.scalars("val", row, self.step)
                     bar.write(f"[{self.label} s{self.seed}] step {self.step}: mIoU cnn {row['miou_cnn']:.4f} "
                               f"vit {row['miou_vit']:.4f} ensemble {row['miou_ensemble']:.4f}") \
@@ -519,35 +352,13 @@ class Trainer:
              "world_size": self.dist.world_size, "device": str(self.device), "train_seconds": self.elapsed,
              "history": self.history}
         if result is not None:
-            names = {"cnn": "a", "vit": "b", "ensemble": "ensemble"}
-            d["miou"] = {k: result[m]["miou"] for k, m in names.items()}
-            d["pixel_acc"] = {k: result[m]["pixel_acc"] for k, m in names.items()}
-            d["iou"] = {k: [None if math.isnan(v) else v for v in result[m]["iou"].tolist()]
-                        for k, m in names.items()}
-            d["class_names"] = self.class_names
+            d.update(result_summary(result, self.class_names))
         return d
 
-    def _write_metrics(self, metrics: dict) -> None:
-        path = os.path.join(self.run_dir, "metrics.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(tmp, path)
-
-    # -- timing (ccl-bench overhead) --------------------------------------------------------------------------
     def fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first training batch, on the device (the same for every method with the same seed)."""
         x, y = next(iter(self.epoch_loader(0, 0)))
         return x.to(self.device), y.to(self.device)
-
-    def timed_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Seconds of one training step (synchronised on CUDA)."""
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        self.train_step(x, y)
-        sync()
-        return time.perf_counter() - start
 
 
 def run_training(config: dict, run_dir: str, resume: bool = False, overwrite: bool = False,
@@ -559,21 +370,14 @@ def run_training(config: dict, run_dir: str, resume: bool = False, overwrite: bo
         config, checkpoint = prepare_run_dir(run_dir, config, resume, overwrite)
         distributed.barrier(info)
         if info.is_main:
-            if overwrite:
-                for name in RUN_FILES:
-                    path = os.path.join(run_dir, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-                f.write(config_mod.dump(config))
+            write_run_config(run_dir, config, overwrite)
         distributed.barrier(info)
         trainer = Trainer(config, run_dir, info, resume_from=checkpoint, quiet=quiet)
         if checkpoint and info.is_main:
             trainer.say(f"resuming {run_dir} from step {trainer.step}")
         if resume and trainer.step >= config["train"]["iters"]:
             trainer.say(f"{run_dir} is complete ({trainer.step} steps); nothing to do")
-            with open(os.path.join(run_dir, "metrics.json")) as f:
-                return json.load(f)
+            return read_metrics(run_dir)
         return trainer.fit()
     finally:
         torch.set_num_threads(threads)

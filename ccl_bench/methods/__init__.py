@@ -1,4 +1,7 @@
-"""Co-training methods: the proposed ``ccl`` and the baselines of :mod:`baselines`, one registry by name.
+"""Co-training methods: the proposed ``ccl`` and the baselines, one registry by name.
+
+Each method is a thin ``Method`` over its losses: ``ccl`` over :mod:`ccl_ops.losses`, ``dml`` and ``kdcl-*``
+over :mod:`baselines`. Importing this package imports every method's module, which registers it.
 
 A method gets both students' logits (at the label resolution) and encoder features, returns named, weighted
 loss terms (the engine sums and logs them) and detached diagnostics (teaching shares). Our readings of
@@ -17,6 +20,7 @@ METHOD.md where it leaves a choice, all configurable through the method's option
 """
 from .base import Method, MethodOutput, StudentOutput
 from .registry import METHODS, build_method, method_class, method_names, parse_method_spec, register
+from . import ccl, dml, independent, kdcl  # noqa: F401,E402  (each registers its methods)
 
 __all__ = ["Method", "MethodOutput", "StudentOutput", "METHODS", "build_method", "method_class",
            "method_names", "parse_method_spec", "register"]

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccl_ops import PixelBSDLoss, RegionBSDLoss
-from ccl_ops._validate import NORMALIZATIONS, RULES, SCORES
+from ccl_ops import NORMALIZATIONS, RULES, SCORES, PixelBSDLoss, RegionBSDLoss, resize_bilinear
 
 from ..models import run_stage
 from .base import Method, MethodOutput, StudentOutput, share
@@ -21,16 +20,7 @@ class Gamma(nn.Module):
         self.proj = nn.Conv2d(cin, cout, kernel_size=1)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
-        x = self.proj(x)
-        if tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-        return x
-
-
-def _match(x: torch.Tensor, size) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        return resize_bilinear(self.proj(x), size)
 
 
 @register
@@ -73,8 +63,8 @@ class CCL(Method):
         fb1, fb2 = out_b.features[0], out_b.features[1]
         vb2 = run_stage(b, 1, self.gamma_a(fa1, fb1.shape[-2:]), frozen=True)  # ViT to CNN
         va2 = run_stage(a, 1, self.gamma_b(fb1, fa1.shape[-2:]), frozen=True)  # CNN to ViT
-        loss_a = F.mse_loss(_match(vb2, fb2.shape[-2:]).float(), fb2.detach().float())
-        loss_b = F.mse_loss(_match(va2, fa2.shape[-2:]).float(), fa2.detach().float())
+        loss_a = F.mse_loss(resize_bilinear(vb2, fb2.shape[-2:]).float(), fb2.detach().float())
+        loss_b = F.mse_loss(resize_bilinear(va2, fa2.shape[-2:]).float(), fa2.detach().float())
         return 0.5 * (loss_a + loss_b)
 
     def losses(self, out_a, out_b, y) -> MethodOutput:

@@ -1,4 +1,8 @@
-"""One registry of co-training methods, chosen by name (``build_method``)."""
+"""One registry of co-training methods, chosen by name (``build_method``).
+
+A leaf module: each method's module fills ``METHODS`` on import with :func:`register`, and importing
+:mod:`ccl_bench.methods` imports all of them, so the registry is complete whenever it can be reached.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -14,19 +18,11 @@ def register(cls):
     return cls
 
 
-def _load_all() -> None:
-    # The proposed method and the baselines register themselves on import.
-    from . import ccl  # noqa: F401
-    import baselines  # noqa: F401
-
-
 def method_names() -> list[str]:
-    _load_all()
     return sorted(METHODS)
 
 
 def method_class(name: str):
-    _load_all()
     if name not in METHODS:
         raise ValueError(f"method={name!r} is unknown; expected one of {sorted(METHODS)}")
     return METHODS[name]

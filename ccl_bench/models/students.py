@@ -74,8 +74,6 @@ class SegFormerHead(nn.Module):
 class SegStudent(nn.Module):
     """Encoder stages + decode head. ``model(x)`` returns logits at the input resolution."""
 
-    kind = "student"
-
     def __init__(self, backbone: str, stages: nn.ModuleList, stage_channels: list[int],
                  stage_strides: list[int], head: nn.Module, num_classes: int):
         super().__init__()
@@ -177,7 +175,6 @@ def build_student(name: str, num_classes: int, checkpoint: str | None = None, **
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: expected a positive int")
     model = STUDENTS[decoder](backbone, num_classes, **options)
-    model.kind = decoder
     if checkpoint is not None:
         load_checked(model, checkpoint, "checkpoint")
     return model

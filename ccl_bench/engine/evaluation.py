@@ -1,0 +1,85 @@
+"""Evaluation of both students and their ensemble on the validation set, the overlays of the last evaluation,
+and the summaries the run writes (``evals.csv`` rows, ``metrics.json``)."""
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import ccl_ops
+from ccl_ops import to_label_size
+from ccl_ops.reference import selection_masks
+
+from ..metrics import StudentMetrics
+from . import distributed
+
+# the names the run's files use for the students and their ensemble -> the keys of StudentMetrics' result
+RESULT_KEYS = {"cnn": "a", "vit": "b", "ensemble": "ensemble"}
+
+
+@torch.no_grad()
+def evaluate_students(students: Sequence[nn.Module], loader: DataLoader, *, num_classes: int, ignore_index: int,
+                      device: torch.device, dist: distributed.DistInfo,
+                      autocast: Callable[[], AbstractContextManager], overlays: int = 0,
+                      progress: str | None = None) -> tuple[dict, list[tuple]]:
+    """Metrics of both students and their ensemble over ``loader`` (this rank's share; summed over the ranks),
+    and, on rank 0, the first ``overlays`` images with labels and both students' logits (CPU). ``progress`` is
+    the label of a tqdm bar (none when None). The students are back in training mode afterwards."""
+    from tqdm.auto import tqdm
+
+    meters = StudentMetrics(num_classes, ignore_index, device)
+    distributed.broadcast_buffers(students, dist)
+    for m in students:
+        m.eval()
+    kept: list[tuple] = []
+    for x, y in tqdm(loader, desc=progress, leave=False, unit="batch", disable=progress is None):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            za = to_label_size(students[0](x), y).float()
+            zb = to_label_size(students[1](x), y).float()
+        meters.update(za, zb, y)
+        if dist.is_main and sum(len(k[0]) for k in kept) < overlays:
+            kept.append((x.cpu(), y.cpu(), za.cpu(), zb.cpu()))
+    for m in students:
+        m.train()
+    return meters.compute(), kept
+
+
+def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: dict, ignore_index: int,
+                  mean: Sequence[float] | None, std: Sequence[float] | None, step: int) -> None:
+    """Validation images (de-normalised with ``mean``/``std``) with both predictions and who-teaches-where maps
+    (pixels and regions, with the method's rule and region size where it has them) as ``path`` (.npz)."""
+    x, y, za, zb = (torch.cat(parts)[:count] for parts in zip(*kept))
+    rule = method_options.get("rule", "correct")
+    rule = "correct" if rule == "all" else rule
+    region = tuple(method_options.get("region", (16, 16)))
+    m_ab, m_ba, _ = selection_masks(za, zb, y, rule, ignore_index)
+    regions = ccl_ops.region_direction_mask(za, zb, y, region=region, ignore_index=ignore_index).direction
+    mean = torch.tensor(mean or (0.0, 0.0, 0.0))[:, None, None]
+    std = torch.tensor(std or (1.0, 1.0, 1.0))[:, None, None]
+    images = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    np.savez_compressed(
+        path, images=images.numpy(), labels=y.numpy(),
+        pred_cnn=za.argmax(1).numpy(), pred_vit=zb.argmax(1).numpy(),
+        pixel_direction=(m_ab.to(torch.int8) - m_ba.to(torch.int8)).numpy(), region_direction=regions.numpy(),
+        region=np.array(region), rule=np.array(rule), step=np.array(step), ignore_index=np.array(ignore_index))
+
+
+def eval_row(step: int, result: dict) -> dict:
+    """One row of ``evals.csv``: the step, then mIoU and pixel accuracy of the CNN, the ViT and the ensemble."""
+    return {"step": step, **{f"miou_{k}": result[m]["miou"] for k, m in RESULT_KEYS.items()},
+            **{f"acc_{k}": result[m]["pixel_acc"] for k, m in RESULT_KEYS.items()}}
+
+
+def result_summary(result: dict, class_names: Sequence[str]) -> dict:
+    """The evaluation's part of ``metrics.json`` (NaN per-class IoU, a class absent everywhere, as null)."""
+    return {"miou": {k: result[m]["miou"] for k, m in RESULT_KEYS.items()},
+            "pixel_acc": {k: result[m]["pixel_acc"] for k, m in RESULT_KEYS.items()},
+            "iou": {k: [None if math.isnan(v) else v for v in result[m]["iou"].tolist()]
+                    for k, m in RESULT_KEYS.items()},
+            "class_names": list(class_names)}
