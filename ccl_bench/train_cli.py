@@ -9,7 +9,7 @@ EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 
 
-def _split(text: str) -> list[str]:
+def split_method_specs(text: str) -> list[str]:
     """Split at the commas outside brackets, so that a method spec may hold a YAML list: ``ccl:region=[8,8],dml``."""
     parts, depth, start = [], 0, 0
     for i, char in enumerate(text + ","):
@@ -22,7 +22,7 @@ def _split(text: str) -> list[str]:
 
 def _seeds(text: str) -> list[int]:
     try:
-        return [int(s) for s in _split(text)]
+        return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
@@ -171,7 +171,7 @@ def cmd_compare(args) -> int:
         from .engine.compare import run_dir_name, train_or_reuse
         from .report import write_report
 
-        specs = _split(args.methods)
+        specs = split_method_specs(args.methods)
         if not specs or not args.seeds:
             raise ConfigError(f"--methods {args.methods!r} --seeds {args.seeds!r}: expected at least one method "
                               f"and one seed, e.g. --methods {QUICK_METHODS} --seeds 0")
@@ -249,7 +249,7 @@ def cmd_overhead(args) -> int:
         from .engine import Trainer, distributed
         from .engine.overhead import median_step_seconds
 
-        specs = _split(args.methods)
+        specs = split_method_specs(args.methods)
         if not specs:
             raise ConfigError(f"--methods {args.methods!r}: expected at least one method, e.g. independent,ccl")
         trainers, info = [], None
@@ -302,7 +302,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", help="where to write (default: DIR when one is given, else ./report)")
     p.add_argument("--baseline", default="independent")
     p.add_argument("--complete-only", action="store_true", help="leave out runs that have not finished")
-    p.add_argument("--order", type=_split, default=[], help="comma-separated methods listed first, in this order")
+    p.add_argument("--order", type=split_method_specs, default=[],
+                   help="comma-separated methods listed first, in this order")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)
 

@@ -159,9 +159,9 @@ def test_report_aggregates_metrics_json_of_any_tool(tmp_path, capsys):
 
 
 def test_method_lists_keep_yaml_lists_whole():
-    from ccl_bench.train_cli import _split
+    from ccl_bench.train_cli import split_method_specs
 
-    assert _split("ccl:region=[8,8],dml, ccl:hfd=false:rbsd=false,") == [
+    assert split_method_specs("ccl:region=[8,8],dml, ccl:hfd=false:rbsd=false,") == [
         "ccl:region=[8,8]", "dml", "ccl:hfd=false:rbsd=false"]
 
 

@@ -23,6 +23,10 @@ class KDCL(Method):
         """Ensemble teacher logits (no gradient), same shape as ``za``."""
         raise NotImplementedError
 
+    def teacher_stats(self) -> dict[str, torch.Tensor]:
+        """What the last teacher was made of, for the step logs (a variant's ensemble weight)."""
+        return {}
+
     def views(self, x):
         """Invariant mode: each student sees its own random photometric perturbation (geometry unchanged, so the
         labels and the per-pixel teacher stay aligned)."""
@@ -44,7 +48,7 @@ class KDCL(Method):
         for key, out in (("kl_a", out_a), ("kl_b", out_b)):
             kl = kdcl_loss(out.logits, zt, y, temperature=self.options["temperature"], ignore_index=self.ignore_index)
             terms[key] = self.options["lambda_kl"] * kl
-        return MethodOutput(terms)
+        return MethodOutput(terms, self.teacher_stats())
 
 
 @register
@@ -70,10 +74,8 @@ class KDCLLinear(KDCL):
         self.alpha.fill_(alpha)
         return zt
 
-    def losses(self, out_a, out_b, y):
-        out = super().losses(out_a, out_b, y)
-        out.stats["alpha"] = self.alpha.clone()
-        return out
+    def teacher_stats(self):
+        return {"alpha": self.alpha.clone()}
 
 
 @register
@@ -121,7 +123,5 @@ class KDCLGeneral(KDCL):
     def teacher(self, za, zb, y):
         return general_teacher(za, zb, self.weights, self.options["temperature"])
 
-    def losses(self, out_a, out_b, y):
-        out = super().losses(out_a, out_b, y)
-        out.stats["weight_a"] = self.weights[0].clone()
-        return out
+    def teacher_stats(self):
+        return {"weight_a": self.weights[0].clone()}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
 import pandas as pd
@@ -21,6 +20,7 @@ import torch
 import yaml
 
 from ccl_bench.data import build_dataset
+from ccl_bench.train_cli import split_method_specs
 from ccl_bench.metrics import SegMetrics
 from ccl_bench.report import find_runs
 
@@ -79,7 +79,7 @@ if __name__ == "__main__":
     parser.add_argument("--order", default="", help="comma-separated methods listed first, in this order")
     parser.add_argument("--out", required=True, help="markdown file to write")
     args = parser.parse_args()
-    text = main(args.folders, [m for m in re.split(r",(?![^\[]*\])", args.order) if m])  # keeps [4,4] whole
+    text = main(args.folders, split_method_specs(args.order))
     with open(args.out, "w") as f:
         f.write(f"<!-- made by: python docs/results/digits_iou.py {' '.join(sys.argv[1:])} -->\n" + text)
     print(text)

@@ -12,12 +12,12 @@ excludes zero.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 import pandas as pd
 from scipy import stats
 
+from ccl_bench.train_cli import split_method_specs
 from ccl_bench.report import STUDENT_COLUMNS, load_runs
 
 
@@ -60,8 +60,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="markdown file to write")
     args = parser.parse_args()
     runs = load_runs(args.folders, complete_only=True)
-    against = [m for m in re.split(r",(?![^\[]*\])", args.against) if m]  # not at the commas of ccl:region=[4,4]
-    table = paired_table(runs, args.reference, against)
+    table = paired_table(runs, args.reference, split_method_specs(args.against))
     text = ("mIoU differences in percentage points (11 classes), paired by seed; 95% CI: paired t interval over "
             "seeds (n − 1 degrees of freedom). *Within seed noise*: the interval contains 0.\n\n"
             + table.to_markdown(index=False, disable_numparse=True) + "\n")
