@@ -10,10 +10,11 @@ from . import reference
 from .losses import PixelBSDLoss, RegionBSDLoss, RegionBSDOutput
 from .ops import KERNEL_DEVICES, backend, pixel_selective_kl, region_direction_mask
 from .resize import resize_bilinear, to_label_size
-from .types import NORMALIZATIONS, RULES, SCORES, RegionMask, SelectiveKL
+from .types import LEARNERS, NORMALIZATIONS, RULES, SCORES, RegionMask, SelectiveKL
 
 __all__ = [
     "KERNEL_DEVICES",
+    "LEARNERS",
     "NORMALIZATIONS",
     "PixelBSDLoss",
     "RULES",

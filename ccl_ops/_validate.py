@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .types import NORMALIZATIONS, RULES, SCORES
+from .types import LEARNERS, NORMALIZATIONS, RULES, SCORES
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -71,11 +71,12 @@ def check_label_values(y: torch.Tensor, num_classes: int, ignore_index: int) -> 
         )
 
 
-def check_kl_call(za, zb, y, temperature, rule: str, normalize: str) -> float:
+def check_kl_call(za, zb, y, temperature, rule: str, normalize: str, learners: str = "both") -> float:
     """All metadata checks of pixel_selective_kl; returns the temperature as a float."""
     check_inputs(za, zb, y)
     check_choice("rule", rule, RULES)
     check_choice("normalize", normalize, NORMALIZATIONS)
+    check_choice("learners", learners, LEARNERS)
     return check_temperature(temperature)
 
 

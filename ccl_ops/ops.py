@@ -22,6 +22,11 @@ except ImportError as exc:  # the package still works, on the reference
     _EXTENSION_ERROR = exc
 
 OPS = ("pixel_selective_kl", "region_direction_mask")
+# Devices where pixel_selective_kl writes the gradients in its forward pass when the logits require grad. On a
+# CPU the op is compute-bound: writing them while the probabilities are at hand saves the backward a second
+# round of exponentials. On a GPU it is memory-bound: recomputing in the backward reads the logits once more,
+# while the stored gradients would be read and written again to scale them, so the backward kernel recomputes.
+FUSED_GRADIENT_DEVICES = frozenset({"cpu"})
 
 
 def _kernel_devices() -> frozenset[str]:
@@ -70,15 +75,23 @@ def pixel_selective_kl(
     rule: str = "correct",
     normalize: str = "valid",
     ignore_index: int = 255,
+    learners: str = "both",
 ) -> SelectiveKL:
-    """Pixel-wise selective KL, METHOD.md §1 (see :func:`ccl_ops.reference.pixel_selective_kl`)."""
-    t = check_kl_call(za, zb, y, temperature, rule, normalize)
+    """Pixel-wise selective KL, METHOD.md §1 (see :func:`ccl_ops.reference.pixel_selective_kl`).
+
+    Where the logits require grad (on a CPU), the forward also writes the gradients of the losses, and the
+    backward only scales them by the upstream gradient: the two logits-sized gradients are then held from the
+    forward to the backward instead of being allocated in it.
+    """
+    t = check_kl_call(za, zb, y, temperature, rule, normalize, learners)
     if not _use_kernel(za.device):
         return reference.pixel_selective_kl(
-            za, zb, y, temperature=t, rule=rule, normalize=normalize, ignore_index=ignore_index
+            za, zb, y, temperature=t, rule=rule, normalize=normalize, ignore_index=ignore_index, learners=learners
         )
-    loss_a, loss_b, count_ab, count_ba, _, _ = torch.ops.ccl.pixel_selective_kl(
-        za, zb, y, t, rule, normalize, int(ignore_index)
+    fuse = torch.is_grad_enabled() and za.device.type in FUSED_GRADIENT_DEVICES
+    grad_mask = [fuse and za.requires_grad and learners != "b", fuse and zb.requires_grad and learners != "a"]
+    loss_a, loss_b, count_ab, count_ba, *_ = torch.ops.ccl.pixel_selective_kl(
+        za, zb, y, t, rule, normalize, int(ignore_index), learners, grad_mask
     )
     return SelectiveKL(loss_a, loss_b, count_ab, count_ba)
 
@@ -106,8 +119,12 @@ def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 if _EXTENSION_ERROR is None:
 
+    def _gradients_fake(za, zb, mask):
+        return tuple(z.new_empty(z.shape) if needed else z.new_empty((0,)) for z, needed in zip((za, zb), mask))
+
     @torch.library.register_fake("ccl::pixel_selective_kl")
-    def _pixel_selective_kl_fake(za, zb, y, temperature, rule, normalize, ignore_index):
+    def _pixel_selective_kl_fake(za, zb, y, temperature, rule, normalize, ignore_index, learners="both",
+                                 grad_mask=(False, False)):
         acc = _opmath_dtype(za.dtype)
         n, _, h, w = za.shape
         return (
@@ -117,13 +134,12 @@ if _EXTENSION_ERROR is None:
             za.new_empty((), dtype=torch.int64),
             za.new_empty((n, h, w), dtype=torch.uint8),
             za.new_empty((), dtype=acc),
+            *_gradients_fake(za, zb, grad_mask),
         )
 
     @torch.library.register_fake("ccl::pixel_selective_kl_backward")
     def _pixel_selective_kl_backward_fake(grad_a, grad_b, za, zb, selection, norm, temperature, output_mask):
-        return tuple(
-            z.new_empty(z.shape) if needed else z.new_empty((0,)) for z, needed in zip((za, zb), output_mask)
-        )
+        return _gradients_fake(za, zb, output_mask)
 
     @torch.library.register_fake("ccl::region_direction_mask")
     def _region_direction_mask_fake(za, zb, y, region_h, region_w, score, ignore_index):
@@ -132,22 +148,42 @@ if _EXTENSION_ERROR is None:
         return za.new_empty((n, hr, wr), dtype=torch.int8), za.new_empty((n, 2, hr, wr), dtype=torch.float32)
 
     def _setup_context(ctx, inputs, output):
-        za, zb, _, temperature, *_ = inputs
-        _, _, count_ab, count_ba, selection, norm = output
-        ctx.save_for_backward(za, zb, selection, norm)
+        za, zb, _, temperature, _, _, _, learners, grad_mask = inputs  # defaults filled in by torch.library
+        _, _, count_ab, count_ba, selection, norm, grad_za, grad_zb = output
+        ctx.save_for_backward(za, zb, selection, norm, grad_za, grad_zb)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(count_ab, count_ba, selection, norm)
+        ctx.learns = (learners != "b", learners != "a")
+        ctx.fused = list(grad_mask)  # gradients the forward wrote and no backward has scaled yet
+        ctx.mark_non_differentiable(count_ab, count_ba, selection, norm, grad_za, grad_zb)
+        # Otherwise autograd would fill logits-sized zeros for the outputs that get no gradient (grad_za, grad_zb).
+        ctx.set_materialize_grads(False)
+
+    def _scaled(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+        """grad * upstream, in place on a plain tensor (not while tracing), as is when upstream is 1 (CPU)."""
+        upstream = upstream.detach()
+        if type(grad) is not torch.Tensor:  # a tracing subclass (torch.compile): keep the graph functional
+            return grad * upstream
+        if grad.device.type == "cpu" and upstream.device.type == "cpu" and upstream.item() == 1.0:
+            return grad
+        return grad.mul_(upstream)
 
     def _backward(ctx, grad_a, grad_b, *_):
-        za, zb, selection, norm = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_a or need_b):
-            return (None,) * 7
-        grad_a = norm.new_zeros(()) if grad_a is None else grad_a
-        grad_b = norm.new_zeros(()) if grad_b is None else grad_b
-        grad_za, grad_zb = torch.ops.ccl.pixel_selective_kl_backward(
-            grad_a, grad_b, za, zb, selection, norm, ctx.temperature, [need_a, need_b]
-        )
-        return (grad_za if need_a else None, grad_zb if need_b else None) + (None,) * 5
+        za, zb, selection, norm, fused_za, fused_zb = ctx.saved_tensors
+        upstream, fused = (grad_a, grad_b), (fused_za, fused_zb)
+        # A student gets a gradient where its loss is computed, needed and used.
+        wanted = [ctx.needs_input_grad[i] and ctx.learns[i] and upstream[i] is not None for i in range(2)]
+        grads = [None, None]
+        for i in range(2):
+            if wanted[i] and ctx.fused[i]:
+                grads[i] = _scaled(fused[i], upstream[i])
+                ctx.fused[i] = False  # scaled in place: a second backward (retain_graph) recomputes
+        recompute = [wanted[i] and grads[i] is None for i in range(2)]
+        if any(recompute):
+            g = [norm.new_zeros(()) if u is None else u for u in upstream]
+            again = torch.ops.ccl.pixel_selective_kl_backward(
+                g[0], g[1], za, zb, selection, norm, ctx.temperature, recompute
+            )
+            grads = [again[i] if recompute[i] else grads[i] for i in range(2)]
+        return (grads[0], grads[1]) + (None,) * 7
 
     torch.library.register_autograd("ccl::pixel_selective_kl", _backward, setup_context=_setup_context)

@@ -32,7 +32,8 @@ def selection_masks(za, zb, y, rule: str, ignore_index: int):
     return valid & (ce_a < ce_b), valid & (ce_b < ce_a), valid
 
 
-def pixel_selective_kl_math(za, zb, y, temperature: float, rule: str, normalize: str, ignore_index: int):
+def pixel_selective_kl_math(za, zb, y, temperature: float, rule: str, normalize: str, ignore_index: int,
+                            learners: str = "both"):
     """The arithmetic of :func:`pixel_selective_kl` without argument checks (this is what gets compiled)."""
     m_ab, m_ba, valid = selection_masks(za, zb, y, rule, ignore_index)
     t = temperature
@@ -49,7 +50,10 @@ def pixel_selective_kl_math(za, zb, y, temperature: float, rule: str, normalize:
     # Multiply (not select) so that a NaN logit at any valid pixel reaches the loss; ignored pixels never count.
     loss_b = t * t * torch.where(valid, kl_ab * m_ab, 0).sum() / n
     loss_a = t * t * torch.where(valid, kl_ba * m_ba, 0).sum() / n
-    return SelectiveKL(loss_a, loss_b, m_ab.sum(), m_ba.sum())
+    # A loss that is not asked for is 0 (and carries no gradient); counts and n do not depend on learners.
+    zero = n.new_zeros(())
+    return SelectiveKL(loss_a if learners != "b" else zero, loss_b if learners != "a" else zero,
+                       m_ab.sum(), m_ba.sum())
 
 
 def pixel_selective_kl(
@@ -61,17 +65,20 @@ def pixel_selective_kl(
     rule: str = "correct",
     normalize: str = "valid",
     ignore_index: int = 255,
+    learners: str = "both",
 ) -> SelectiveKL:
     """Pixel-wise selective KL (METHOD.md §1): each student learns from the other only where the other is reliable.
 
     ``rule`` picks who teaches where: ``"correct"`` (the teacher's argmax is right and the learner's is wrong),
     ``"confidence"`` (the teacher's cross-entropy is strictly lower) or ``"all"`` (both directions at every valid
     pixel: DML). ``normalize`` divides by the number of valid (``"valid"``) or selected (``"selected"``) pixels.
+    ``learners`` (``"both"``, ``"a"`` or ``"b"``) names the losses computed; the other comes back as 0 (KDCL
+    needs only the student's loss against its teacher). Counts and the normaliser do not depend on it.
     """
-    t = check_kl_call(za, zb, y, temperature, rule, normalize)
+    t = check_kl_call(za, zb, y, temperature, rule, normalize, learners)
     if not torch.compiler.is_compiling():
         check_label_values(y, za.shape[1], ignore_index)
-    return pixel_selective_kl_math(za, zb, y, t, rule, normalize, int(ignore_index))
+    return pixel_selective_kl_math(za, zb, y, t, rule, normalize, int(ignore_index), learners)
 
 
 def region_direction_mask_math(za, zb, y, region_h: int, region_w: int, score: str, ignore_index: int):

@@ -11,6 +11,7 @@ import torch
 
 RULES = ("correct", "confidence", "all")  # who teaches where in pixel_selective_kl
 NORMALIZATIONS = ("valid", "selected")  # what pixel_selective_kl divides by
+LEARNERS = ("both", "a", "b")  # whose loss pixel_selective_kl computes (the other comes back as 0)
 SCORES = ("ce", "accuracy")  # how region_direction_mask ranks the two students in a region
 
 

@@ -44,6 +44,7 @@ ENV = {
     "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
 }
 RULES = {"correct": 0, "confidence": 1, "all": 2}
+LEARNERS = {"both": 3, "a": 2, "b": 1}  # the selection bits of kinds.h that feed each computed loss
 # Outputs the harness writes, with their dtypes (acc: float64 for float64 inputs, else float32).
 OUTPUT_DTYPES = {
     "loss_a": "acc", "loss_b": "acc", "norm": "acc", "count_ab": torch.int64, "count_ba": torch.int64,
@@ -102,10 +103,10 @@ def _write(path: Path, t: torch.Tensor) -> None:
 
 
 def kl_case(za, zb, y, *, temperature=1.0, rule="correct", normalize="valid", ignore_index=255, backward=True,
-            grad_weights=(0.7, 1.3), mask=(True, True), **geometry) -> dict:
+            grad_weights=(0.7, 1.3), mask=(True, True), learners="both", **geometry) -> dict:
     return dict(op="kl", za=za, zb=zb, y=y, T=temperature, rule=RULES[rule], normalize_valid=int(normalize == "valid"),
                 ignore_index=ignore_index, backward=int(backward), g_a=grad_weights[0], g_b=grad_weights[1],
-                mask_a=int(mask[0]), mask_b=int(mask[1]), **geometry)
+                mask_a=int(mask[0]), mask_b=int(mask[1]), learners=LEARNERS[learners], **geometry)
 
 
 def region_case(za, zb, y, *, region=(16, 16), score="ce", ignore_index=255) -> dict:

@@ -224,6 +224,9 @@ def test_opcheck(device):
     zb.requires_grad_()
     for rule in RULES:
         torch.library.opcheck(torch.ops.ccl.pixel_selective_kl.default, (za, zb, y, 1.5, rule, "valid", 255))
+    for learners, grad_mask in (("both", [True, True]), ("a", [True, False]), ("b", [False, True])):
+        torch.library.opcheck(torch.ops.ccl.pixel_selective_kl.default,
+                              (za, zb, y, 1.0, "correct", "selected", 255, learners, grad_mask))
     out = torch.ops.ccl.pixel_selective_kl(za, zb, y, 1.0, "correct", "selected", 255)
     g = torch.tensor(0.7, device=device)
     torch.library.opcheck(torch.ops.ccl.pixel_selective_kl_backward.default,

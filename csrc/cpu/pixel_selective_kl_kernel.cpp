@@ -1,14 +1,18 @@
-// CPU kernels of pixel_selective_kl (METHOD.md §1): forward and backward, fused per tile of pixels.
+// CPU kernels of pixel_selective_kl (METHOD.md §1): forward (optionally with the gradients) and backward, fused
+// per tile of pixels.
 //
-// Forward, per tile: pass 1 max/argmax of both students, pass 2 their exponentials and sums, then the
-// selection per pixel, then pass 3 (only over vector groups with a selected pixel) the two KL sums from the
-// kept exponentials. Nothing of
-// size N*C*H*W is allocated. Per-tile partial sums are reduced in tile order, so the result does not depend on
-// the number of threads.
+// Forward, per tile: pass 1 max/argmax of both students, pass 2 their exponentials and sums (kept for the
+// tile, so no exponential is computed twice), then the selection per pixel, then pass 3: the two KL sums over
+// the vector groups with a selected pixel and, when asked (grad_mask), the gradients of both losses
+//     dloss_a/dza = T / n * [B teaches A] * (p_a - p_b)   (and symmetrically for zb),
+// written once, in the same pass: the autograd backward then only scales them by the upstream gradient, in
+// place (Liger-Kernel's habit), instead of reading the logits and exponentiating again. n is counted from the
+// labels before the pass when it is known up front (normalize='valid', or rule='all'); otherwise the gradients
+// are written for n = 1 and divided by n at the end. Nothing of size N*C*H*W is allocated but the gradients.
+// Per-tile partial sums are reduced in tile order, so the result does not depend on the number of threads.
 //
-// Backward, per tile with a selected pixel: passes 1 and 2 again (the exponentials of pass 2 are kept for the
-// tile, so no exponential is computed twice), then the gradients
-// dloss_a/dza = T / n * g_a * [B teaches A] * (p_a - p_b) (and symmetrically for zb), written once.
+// Backward (pixel_selective_kl_backward), per tile with a selected pixel: passes 1 and 2 again, then the
+// gradients, for callers whose forward did not write them (a second backward through a retained graph).
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -31,14 +35,32 @@ struct TilePartial {
   int64_t valid = 0, ab = 0, ba = 0, any = 0;
 };
 
+// Where the forward writes the gradients: contiguous NCHW buffers, or nullptr when not asked for, and the
+// factor T / n (T when n is not known yet).
+template <typename scalar_t, typename acc_t>
+struct GradientOut {
+  scalar_t* a = nullptr;
+  scalar_t* b = nullptr;
+  acc_t coef = 0;
+};
+
+// Zeros for pixels [i, i + count) of every channel of a tile's gradient rows (from `row0`, channel stride HW).
+template <typename scalar_t>
+void zero_rows(scalar_t* row0, int64_t C, int64_t HW, int64_t count) {
+  if (row0 == nullptr) return;
+  for (int64_t c = 0; c < C; ++c) std::fill(row0 + c * HW, row0 + c * HW + count, scalar_t(0));
+}
+
 template <typename scalar_t, typename acc_t>
 void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y, acc_t temperature,
-                          Rule rule, int64_t ignore_index, at::Tensor& selection, std::vector<TilePartial>& parts,
-                          std::atomic<int64_t>& bad) {
+                          Rule rule, uint8_t learners, int64_t ignore_index, GradientOut<scalar_t, acc_t> grad,
+                          at::Tensor& selection, std::vector<TilePartial>& parts, std::atomic<int64_t>& bad) {
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t N = za.size(0), C = za.size(1), HW = za.size(2) * za.size(3);
   const int64_t tiles = tiles_per_plane(HW);
   const acc_t inv_t = acc_t(1) / temperature;
+  const bool learn_a = learners & kBteachesA, learn_b = learners & kAteachesB;
+  const bool grads = grad.a || grad.b;
   uint8_t* sel_out = selection.data_ptr<uint8_t>();
 
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
@@ -46,19 +68,24 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
     alignas(64) int64_t label[kTile];
     alignas(64) acc_t label_f[kTile];
     alignas(64) acc_t kl_ab[kTile], kl_ba[kTile];
+    alignas(64) acc_t mask_a[kTile], mask_b[kTile];  // T / n where the student learns, 0 elsewhere
     std::vector<acc_t> pack_a(C * kTile), pack_b(C * kTile);
     bool active[kTile / V];
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / tiles, p0 = (job % tiles) * kTile, len = std::min(kTile, HW - p0);
-      const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, pack_a.data());
-      const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data());
+      const int64_t out0 = n * C * HW + p0;  // gradient of channel 0, first pixel of the tile
       TilePartial part;
       part.valid = label_reader(y, n, C, ignore_index, &bad).read(p0, len, label, label_f);
+      uint8_t* sel = sel_out + n * HW + p0;  // written in place, read back by pass 3
       if (part.valid == 0) {  // nothing to do: ignored pixels never count, whatever their logits
-        std::fill(sel_out + n * HW + p0, sel_out + n * HW + p0 + len, uint8_t(0));
+        std::fill(sel, sel + len, uint8_t(0));
+        zero_rows(grad.a ? grad.a + out0 : nullptr, C, HW, len);
+        zero_rows(grad.b ? grad.b + out0 : nullptr, C, HW, len);
         parts[job] = part;
         continue;
       }
+      const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, pack_a.data());
+      const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data());
       max_argmax(ta, C, sa);
       max_argmax(tb, C, sb);
       const bool need_ce = rule == Rule::kConfidence;
@@ -66,7 +93,7 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
       sum_exp(tb, C, inv_t, need_ce, nullptr, sb);
 
       std::fill(active, active + kTile / V, false);
-      uint8_t* sel = sel_out + n * HW + p0;  // written in place, read back by pass 3
+      for (int64_t i = 0; i < kTile; ++i) mask_a[i] = mask_b[i] = acc_t(0);
       for (int64_t i = 0; i < len; ++i) {
         uint8_t bits = 0;
         if (label[i] >= 0) {
@@ -88,25 +115,43 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
           part.any += bits != 0;
         }
         sel[i] = bits;
-        active[i / V] = active[i / V] || bits != 0;
+        mask_a[i] = (bits & learners & kBteachesA) ? grad.coef : acc_t(0);
+        mask_b[i] = (bits & learners & kAteachesB) ? grad.coef : acc_t(0);
+        active[i / V] = active[i / V] || (bits & learners) != 0;
       }
 
       // Pass 3: with d_s = (z_s - m_s) / T, log p_s = d_s - log_sum_t_s, so
       // KL(p_a || p_b) = sum_c p_a (d_a - d_b) - log_sum_t_a + log_sum_t_b (centred: accurate for large logits).
       for (int64_t i = 0; i < len; i += V) {
-        if (!active[i / V]) continue;
         Vec<acc_t>(0).store(kl_ab + i);
         Vec<acc_t>(0).store(kl_ba + i);
       }
-      const Vec<acc_t> scale(inv_t);
+      const Vec<acc_t> scale(inv_t), zero(0);
       for (int64_t c = 0; c < C; ++c) {
+        scalar_t* row_a = grad.a ? grad.a + out0 + c * HW : nullptr;
+        scalar_t* row_b = grad.b ? grad.b + out0 + c * HW : nullptr;
         for (int64_t i = 0; i < len; i += V) {
-          if (!active[i / V]) continue;
+          const int64_t count = std::min(V, len - i);
+          if (!active[i / V]) {
+            if (row_a) store_stream(row_a + i, zero, count);
+            if (row_b) store_stream(row_b + i, zero, count);
+            continue;
+          }
+          const auto pa = sa.prob(c, i), pb = sb.prob(c, i);
           const auto da = (load(ta, c, i) - Vec<acc_t>::loadu(sa.max + i)) * scale;
           const auto db = (load(tb, c, i) - Vec<acc_t>::loadu(sb.max + i)) * scale;
           const auto diff = da - db;
-          (Vec<acc_t>::loadu(kl_ab + i) + sa.prob(c, i) * diff).store(kl_ab + i);
-          (Vec<acc_t>::loadu(kl_ba + i) - sb.prob(c, i) * diff).store(kl_ba + i);
+          if (learn_b) (Vec<acc_t>::loadu(kl_ab + i) + pa * diff).store(kl_ab + i);
+          if (learn_a) (Vec<acc_t>::loadu(kl_ba + i) - pb * diff).store(kl_ba + i);
+          // Select, do not multiply, so that a pixel where the student does not learn gets exactly 0.
+          if (row_a) {
+            const auto m = Vec<acc_t>::loadu(mask_a + i);
+            store_stream(row_a + i, Vec<acc_t>::blendv(m * (pa - pb), zero, m == zero), count);
+          }
+          if (row_b) {
+            const auto m = Vec<acc_t>::loadu(mask_b + i);
+            store_stream(row_b + i, Vec<acc_t>::blendv(m * (pb - pa), zero, m == zero), count);
+          }
         }
       }
       for (int64_t i = 0; i < len; ++i) {
@@ -120,26 +165,62 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
       }
       parts[job] = part;
     }
+    stream_fence();
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_selective_kl_cpu(
-    const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y, double temperature, c10::string_view rule_name,
-    c10::string_view normalize_name, int64_t ignore_index) {
+// The gradients are fresh buffers first touched by this kernel. On Linux, hint transparent huge pages for them
+// (as PyTorch's THP_MEM_ALLOC_ENABLE does for every allocation), so that first touch takes one page fault per
+// 2 MB instead of one per 4 KB: with glibc's allocator every logits-sized buffer is a fresh mmap, and its 4 KB
+// faults cost several times the arithmetic (measured in benchmarks/RESULTS_CPU.md).
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef __linux__
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1), last = end & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor> fresh_gradients(const at::Tensor& za, const at::Tensor& zb,
+                                                   std::array<bool, 2> mask) {
+  auto grads = empty_gradients(za, zb, mask);
+  advise_huge_pages(std::get<0>(grads));
+  advise_huge_pages(std::get<1>(grads));
+  return grads;
+}
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor>;
+
+ForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
+                                      double temperature, c10::string_view rule_name, c10::string_view normalize_name,
+                                      int64_t ignore_index, c10::string_view learners_name,
+                                      std::array<bool, 2> grad_mask) {
   check_logits_and_labels(za, zb, y);
   check_temperature(temperature);
   const Rule rule = parse_rule(std::string(rule_name));
   const Normalize normalize = parse_normalize(std::string(normalize_name));
+  const uint8_t learners = parse_learners(std::string(learners_name));
   const int64_t N = za.size(0), C = za.size(1), H = za.size(2), W = za.size(3);
   auto selection = at::empty({N, H, W}, za.options().dtype(at::kByte));
   std::vector<TilePartial> parts(N * tiles_per_plane(H * W));
   std::atomic<int64_t> bad{LabelReader::kNoBadLabel};
-  at::ScalarType acc_type = za.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc_type = za.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad_za, grad_zb;
+  std::tie(grad_za, grad_zb) = fresh_gradients(za, zb, grad_mask);
+  const bool grads = grad_mask[0] || grad_mask[1];
+  // n is known before the pass when every valid pixel counts (a label pass: 1/C of the logits' bytes).
+  const bool n_up_front = grads && (normalize == Normalize::kValid || rule == Rule::kAll);
+  const double n_before = n_up_front ? std::max<double>(1.0, at::ne(y, ignore_index).sum().item<double>()) : 1.0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "pixel_selective_kl_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    selective_kl_forward<scalar_t, acc_t>(za, zb, y, static_cast<acc_t>(temperature), rule, ignore_index, selection,
-                                          parts, bad);
+    GradientOut<scalar_t, acc_t> out{grad_mask[0] ? grad_za.data_ptr<scalar_t>() : nullptr,
+                                     grad_mask[1] ? grad_zb.data_ptr<scalar_t>() : nullptr,
+                                     static_cast<acc_t>(temperature / n_before)};
+    selective_kl_forward<scalar_t, acc_t>(za, zb, y, static_cast<acc_t>(temperature), rule, learners, ignore_index,
+                                          out, selection, parts, bad);
   });
   raise_if_bad_label(bad, C, ignore_index);
 
@@ -149,23 +230,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     total.valid += p.valid, total.ab += p.ab, total.ba += p.ba, total.any += p.any;
   }
   const double n = static_cast<double>(std::max<int64_t>(1, normalize == Normalize::kValid ? total.valid : total.any));
+  if (grads && !n_up_front && n != 1.0) {  // written for n = 1: divide now (in place, ATen's parallel kernel)
+    if (grad_mask[0]) grad_za.div_(n);
+    if (grad_mask[1]) grad_zb.div_(n);
+  }
   const double t2 = temperature * temperature;
   auto scalar = [&](double v, at::ScalarType type) { return at::scalar_tensor(v, za.options().dtype(type)); };
-  return {scalar(t2 * total.kl_ba / n, acc_type), scalar(t2 * total.kl_ab / n, acc_type),
+  const double loss_a = (learners & kBteachesA) ? t2 * total.kl_ba / n : 0.0;
+  const double loss_b = (learners & kAteachesB) ? t2 * total.kl_ab / n : 0.0;
+  return {scalar(loss_a, acc_type), scalar(loss_b, acc_type),
           at::scalar_tensor(total.ab, za.options().dtype(at::kLong)),
-          at::scalar_tensor(total.ba, za.options().dtype(at::kLong)), selection, scalar(n, acc_type)};
-}
-
-// The gradients are fresh buffers first touched by this kernel. On Linux, hint transparent huge pages for them
-// (as PyTorch's THP_MEM_ALLOC_ENABLE does for every allocation), so that first touch takes one page fault per
-// 2 MB instead of one per 4 KB: the faults otherwise cost as much as the arithmetic.
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef __linux__
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1), last = end & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
-#endif
+          at::scalar_tensor(total.ba, za.options().dtype(at::kLong)), selection, scalar(n, acc_type),
+          grad_za, grad_zb};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -247,9 +323,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cpu(const at::Ten
   const double base = temperature / norm.item<double>();
   const double coef_a = base * grad_loss_a.item<double>(), coef_b = base * grad_loss_b.item<double>();
   at::Tensor grad_za, grad_zb;
-  std::tie(grad_za, grad_zb) = empty_gradients(za, zb, mask);
-  advise_huge_pages(grad_za);
-  advise_huge_pages(grad_zb);
+  std::tie(grad_za, grad_zb) = fresh_gradients(za, zb, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "pixel_selective_kl_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     selective_kl_backward<scalar_t, acc_t>(za, zb, sel, static_cast<acc_t>(temperature), static_cast<acc_t>(coef_a),

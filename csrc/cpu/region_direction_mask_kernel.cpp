@@ -49,8 +49,8 @@ void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor&
           max_argmax(ta, C, sa);
           max_argmax(tb, C, sb);
           if (score == Score::kCrossEntropy) {
-            sum_exp(ta, C, acc_t(1), true, nullptr, sa);
-            sum_exp(tb, C, acc_t(1), true, nullptr, sb);
+            sum_exp(ta, C, acc_t(1), true, nullptr, sa, /*keep_exps=*/false);
+            sum_exp(tb, C, acc_t(1), true, nullptr, sb, /*keep_exps=*/false);
           }
           for (int64_t i = 0; i < len; ++i) {
             if (label[i] < 0) continue;

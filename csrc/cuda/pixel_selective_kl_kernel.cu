@@ -22,14 +22,25 @@ void check_sizes(const at::Tensor& za) {
               " is too large (at most 2^31 - 257 pixels per image)");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_selective_kl_cuda(
-    const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y, double temperature, c10::string_view rule_name,
-    c10::string_view normalize_name, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cuda(const at::Tensor& grad_loss_a,
+                                                                    const at::Tensor& grad_loss_b,
+                                                                    const at::Tensor& za, const at::Tensor& zb,
+                                                                    const at::Tensor& selection, const at::Tensor& norm,
+                                                                    double temperature, std::array<bool, 2> mask);
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor>;
+
+ForwardOutputs pixel_selective_kl_cuda(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
+                                       double temperature, c10::string_view rule_name, c10::string_view normalize_name,
+                                       int64_t ignore_index, c10::string_view learners_name,
+                                       std::array<bool, 2> grad_mask) {
   check_logits_and_labels(za, zb, y);
   check_temperature(temperature);
   TORCH_CHECK(za.is_cuda(), "pixel_selective_kl (CUDA): tensors must be on a CUDA device, got ", za.device());
   const Rule rule = parse_rule(std::string(rule_name));
   const Normalize normalize = parse_normalize(std::string(normalize_name));
+  const uint8_t learners = parse_learners(std::string(learners_name));
   check_sizes(za);
   const c10::cuda::CUDAGuard guard(za.device());
   const int64_t N = za.size(0), C = za.size(1), H = za.size(2), W = za.size(3), HW = H * W;
@@ -54,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         constexpr int CMAX = decltype(bucket)::value;
         selective_kl_forward_kernel<scalar_t, acc_t, CMAX><<<grid, kThreads, 0, stream>>>(
             logits_view<scalar_t>(za), logits_view<scalar_t>(zb), labels_view(y), N, static_cast<int>(C),
-            static_cast<int>(W), static_cast<int>(HW), static_cast<acc_t>(1.0 / temperature), rule, ignore_index,
+            static_cast<int>(W), static_cast<int>(HW), static_cast<acc_t>(1.0 / temperature), rule, learners, ignore_index,
             selection.data_ptr<uint8_t>(), part_kl.data_ptr<double>(),
             reinterpret_cast<long long*>(part_count.data_ptr<int64_t>()));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -66,7 +77,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         loss_b.data_ptr<acc_t>(), count_ab.data_ptr<int64_t>(), count_ba.data_ptr<int64_t>(), norm.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss_a, loss_b, count_ab, count_ba, selection, norm};
+  // The gradients of the losses themselves (unit upstream gradients), by the backward kernel: on a GPU,
+  // recomputing the softmaxes costs less than a second pass over stored statistics would save. A gradient
+  // whose loss is not computed (learners) is zero.
+  const at::Tensor one = at::ones({}, acc_opts);
+  const at::Tensor g_a = (learners & kBteachesA) ? one : at::zeros({}, acc_opts);
+  const at::Tensor g_b = (learners & kAteachesB) ? one : at::zeros({}, acc_opts);
+  at::Tensor grad_za, grad_zb;
+  std::tie(grad_za, grad_zb) =
+      pixel_selective_kl_backward_cuda(g_a, g_b, za, zb, selection, norm, temperature, grad_mask);
+  return {loss_a, loss_b, count_ab, count_ba, selection, norm, grad_za, grad_zb};
 }
 
 // A device scalar of the accumulation type, on za's device (a no-op for what autograd passes).

@@ -8,11 +8,13 @@
 // first pass computes max/argmax/sums online (one read of each logit) and a second pass, only at selected
 // pixels, the KL numerators (a re-read, mostly L1/L2 hits). With d_s = (z_s - m_s) / T and S_s = sum exp(d_s):
 //     KL(p_a || p_b) = sum_c exp(d_a) (d_a - d_b) / S_a - log S_a + log S_b    (accurate for logits ~ 1e4)
-// Each block writes its partial sums (double) and counts (int64) to a scratch buffer; a one-block kernel sums
+// `learners` (selection bits, kinds.h) names the losses summed; the other stays 0. Each block writes its
+// partial sums (double) and counts (int64) to a scratch buffer; a one-block kernel sums
 // them in a fixed order and writes n, the losses and the counts on the device: deterministic, no host sync,
 // scratch of O(N * H * W / 256).
 //
-// Backward. One thread per pixel: pixels where the student does not learn get zeros without reading the
+// Backward (also launched by the forward, with unit upstream gradients, when it is asked for the gradients).
+// One thread per pixel: pixels where the student does not learn get zeros without reading the
 // logits; elsewhere the softmaxes of both students are recomputed (registers for C <= 32, else an online pass
 // and a second read) and grad_za = T / n * g_a * (p_a - p_b), grad_zb = T / n * g_b * (p_b - p_a) are written
 // contiguous NCHW, coalesced. g_a, g_b and n are read from device memory (no sync).
@@ -36,7 +38,7 @@ constexpr int kFinalThreads = 512;  // threads of the one-block finalize kernel
 template <typename scalar_t, typename acc_t, int CMAX>
 __global__ void __launch_bounds__(kThreads)
     selective_kl_forward_kernel(Logits<scalar_t> za, Logits<scalar_t> zb, Labels y, int64_t N, int C, int W,
-                                int HW, acc_t inv_t, Rule rule, int64_t ignore_index,
+                                int HW, acc_t inv_t, Rule rule, uint8_t learners, int64_t ignore_index,
                                 uint8_t* __restrict__ selection, double* __restrict__ part_kl,
                                 long long* __restrict__ part_count) {
   const int hw = blockIdx.x * kThreads + threadIdx.x;
@@ -56,8 +58,9 @@ __global__ void __launch_bounds__(kThreads)
           bits = forward_pixel_online<scalar_t, acc_t>(za.pixel(n, h, w), za.sC, zb.pixel(n, h, w), zb.sC, C,
                                                        label, inv_t, rule, term_ab, term_ba);
         }
-        kl_ab += static_cast<double>(term_ab);
-        kl_ba += static_cast<double>(term_ba);
+        // Only the learners' losses: the other sum stays exactly 0 (NaN guard included).
+        if (learners & kAteachesB) kl_ab += static_cast<double>(term_ab);
+        if (learners & kBteachesA) kl_ba += static_cast<double>(term_ba);
         valid += 1;
         ab += (bits & kAteachesB) != 0;
         ba += (bits & kBteachesA) != 0;

@@ -18,6 +18,14 @@ inline Rule parse_rule(const std::string& rule) {
   TORCH_CHECK_VALUE(false, "rule='", rule, "' is unknown; expected one of 'correct', 'confidence', 'all'");
 }
 
+// The selection bits of the directions whose loss is computed (see kinds.h).
+inline uint8_t parse_learners(const std::string& learners) {
+  if (learners == "both") return kBothLearn;
+  if (learners == "a") return kBteachesA;
+  if (learners == "b") return kAteachesB;
+  TORCH_CHECK_VALUE(false, "learners='", learners, "' is unknown; expected one of 'both', 'a', 'b'");
+}
+
 inline Normalize parse_normalize(const std::string& normalize) {
   if (normalize == "valid") return Normalize::kValid;
   if (normalize == "selected") return Normalize::kSelected;

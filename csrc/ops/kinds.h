@@ -12,5 +12,8 @@ enum class Score { kCrossEntropy, kAccuracy };
 // Bits of the per-pixel selection mask of pixel_selective_kl.
 constexpr uint8_t kAteachesB = 1;
 constexpr uint8_t kBteachesA = 2;
+// Which losses pixel_selective_kl computes (option `learners`), as the selection bits of the teaching direction
+// that feeds each: loss_a is taught where B teaches A, loss_b where A teaches B.
+constexpr uint8_t kBothLearn = kAteachesB | kBteachesA;
 
 }  // namespace ccl

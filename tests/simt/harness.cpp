@@ -121,6 +121,7 @@ void run_kl(const Args& a, Heap& heap, Outputs& out, simt::Order order, uint64_t
   const Labels y{input<int64_t>(heap, a, "y"), a.i64("sy0"), a.i64("sy1"), a.i64("sy2")};
   const Rule rule = static_cast<Rule>(a.i64("rule"));
   const bool normalize_valid = a.i64("normalize_valid") != 0;
+  const auto learners = static_cast<uint8_t>(a.i64("learners", kBothLearn));
   const int64_t ignore_index = a.i64("ignore_index");
   // Test-only geometry knobs: a smaller grid.y cap reaches the kernels' loop over N, a smaller finalize block
   // its loop over the partials, without 65536 images or 513 blocks.
@@ -145,7 +146,8 @@ void run_kl(const Args& a, Heap& heap, Outputs& out, simt::Order order, uint64_t
       simt::launch("selective_kl_forward_kernel<" + t + ", CMAX=" + std::to_string(CMAX) + ">", kThreads, grid,
                    dim3(kThreads), order, seed, &selective_kl_forward_kernel<scalar_t, acc_t, CMAX>, za, zb, y, N,
                    static_cast<int>(C), static_cast<int>(W), static_cast<int>(HW),
-                   static_cast<acc_t>(1.0 / temperature), rule, ignore_index, selection, part_kl, part_count);
+                   static_cast<acc_t>(1.0 / temperature), rule, learners, ignore_index, selection, part_kl,
+                   part_count);
     });
   }
   simt::launch("selective_kl_finalize_kernel<" + t + ">", kFinalThreads, dim3(1), dim3(final_threads), order,
