@@ -10,7 +10,7 @@ Checks (each prints PASS/FAIL/SKIP and goes into the JSON):
   * compile_ro : torch.compile(fullgraph=True, mode="reduce-overhead") gives the eager results
   * no_sync    : fwd+bwd under torch.cuda.set_sync_debug_mode("error") (any host sync raises)
   * bad_label  : an out-of-range label stops the kernel with a device-side assert (in a subprocess)
-  * liger      : ccl_bench.liger_peer matches the reference (when Liger-Kernel imports)
+  * liger      : ccl_bench.kernels.liger_peer matches the reference (when Liger-Kernel imports)
 Bandwidth (rule 'all' = worst case for the backward; 'correct' as in the benchmark): forward, backward and region
 kernels alone, in GB/s of the bytes each must move, and as % of a device copy.
 """
@@ -189,7 +189,7 @@ def check_bad_label(quick):
 
 
 def check_liger(quick):
-    from ccl_bench import liger_peer
+    from ccl_bench.kernels import liger_peer
 
     if not liger_peer.available():
         return {"status": "SKIP", "why": "liger_kernel does not import"}
