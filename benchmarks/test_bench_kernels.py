@@ -11,11 +11,12 @@ import os
 import pytest
 import torch
 
-from ccl_bench.kernels import DEFAULT_SHAPES, DTYPES, OPS, implementations, make_case_inputs
+from ccl_bench.kernels import DEFAULT_SHAPES, OPS, implementations, make_case_inputs
+from ccl_ops.testing import DTYPE_BY_NAME
 
 DEVICE = torch.device(os.environ.get("CCL_BENCH_DEVICE", "cpu"))
 SHAPE = tuple(int(v) for v in os.environ.get("CCL_BENCH_SHAPE", DEFAULT_SHAPES[DEVICE.type]).split("x"))
-DTYPE = DTYPES[os.environ.get("CCL_BENCH_DTYPE", "float32")]
+DTYPE = DTYPE_BY_NAME[os.environ.get("CCL_BENCH_DTYPE", "float32")]
 
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
     pytest.skip("CCL_BENCH_DEVICE=cuda but no CUDA device", allow_module_level=True)

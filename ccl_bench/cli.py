@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # module providing add_parser(subparsers) for each subcommand group
-SUBCOMMAND_MODULES = ("ccl_bench.kernels", "ccl_bench.train_cli")
+SUBCOMMAND_MODULES = ("ccl_bench.kernels.cli", "ccl_bench.train_cli")
 
 
 CONFIG_HELP = """configuration (train, compare, overhead):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .student_names import CNN, ENSEMBLE, RESULT_KEYS, VIT
+
 
 def to_labels(logits_or_labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Logits/probabilities (N, C, H, W) -> argmax labels; integer labels (N, H, W) pass through."""
@@ -95,10 +97,10 @@ def ensemble_probs(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tens
 
 class StudentMetrics:
     """Per-student and ensemble metrics: ``update(logits_a, logits_b, target)``; ``compute()`` returns
-    ``{"a": ..., "b": ..., "ensemble": ...}``, each as :meth:`SegMetrics.compute`."""
+    ``{"cnn": ..., "vit": ..., "ensemble": ...}``, each as :meth:`SegMetrics.compute`."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device=None):
-        self.meters = {k: SegMetrics(num_classes, ignore_index, device) for k in ("a", "b", "ensemble")}
+        self.meters = {k: SegMetrics(num_classes, ignore_index, device) for k in RESULT_KEYS}
 
     def reset(self) -> None:
         for meter in self.meters.values():
@@ -106,9 +108,9 @@ class StudentMetrics:
 
     @torch.no_grad()
     def update(self, logits_a: torch.Tensor, logits_b: torch.Tensor, target: torch.Tensor) -> None:
-        self.meters["a"].update(logits_a, target)
-        self.meters["b"].update(logits_b, target)
-        self.meters["ensemble"].update(ensemble_probs(logits_a, logits_b), target)
+        self.meters[CNN].update(logits_a, target)
+        self.meters[VIT].update(logits_b, target)
+        self.meters[ENSEMBLE].update(ensemble_probs(logits_a, logits_b), target)
 
     def compute(self) -> dict:
         return {k: meter.compute() for k, meter in self.meters.items()}

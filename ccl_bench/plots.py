@@ -8,9 +8,11 @@ import os
 import numpy as np
 import pandas as pd
 
+from .student_names import RESULT_KEYS
+
 SHARES = (("pixel_ab", "pixels A→B"), ("pixel_ba", "pixels B→A"), ("region_ab", "regions A→B"),
           ("region_ba", "regions B→A"))
-STUDENTS = (("cnn", "CNN (A)"), ("vit", "ViT (B)"), ("ensemble", "ensemble"))
+CURVES = tuple(zip(RESULT_KEYS, ("CNN (A)", "ViT (B)", "ensemble")))  # mIoU curve per student and ensemble
 
 
 def _legend(ax, **kwargs) -> None:
@@ -65,7 +67,7 @@ def plot_miou_curves(runs: pd.DataFrame, path: str) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
     for method, group in runs.groupby("method", sort=False):
         frames = [_history(d) for d in group["run_dir"]]
-        for ax, (key, title) in zip(axes, STUDENTS):
+        for ax, (key, title) in zip(axes, CURVES):
             curve = _mean_by_step(frames, f"miou_{key}")
             if curve is not None:
                 ax.plot(curve.index, 100 * curve.values, marker="o", label=method)

@@ -14,7 +14,9 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-STUDENT_COLUMNS = (("cnn", "CNN"), ("vit", "ViT"), ("ensemble", "Ens."))
+from .student_names import RESULT_KEYS
+
+STUDENT_COLUMNS = tuple(zip(RESULT_KEYS, ("CNN", "ViT", "Ens.")))
 ADAPTED = "kdcl"  # methods adapted from classification: marked in every table
 ADAPTED_NOTE = "† KDCL is a classification method; per-pixel KDCL is our adaptation (METHOD.md §6)."
 

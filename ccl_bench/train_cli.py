@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from .student_names import STUDENTS
+
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 
@@ -309,7 +311,7 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser("export", help="write one student of a run as a plain state dict")
     p.add_argument("checkpoint", help="run directory or checkpoint file")
-    p.add_argument("--student", required=True, choices=("cnn", "vit"))
+    p.add_argument("--student", required=True, choices=STUDENTS)
     p.add_argument("--out", required=True, help="output .pt file")
     p.set_defaults(func=cmd_export)
 

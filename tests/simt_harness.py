@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+import ccl_ops
+
 # ucontext fibers, ELF symbol tables and the x86 MXCSR (fast-math model): Linux x86-64 only.
 SUPPORTED = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +45,12 @@ ENV = {
     "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1:detect_stack_use_after_return=0",
     "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
 }
-RULES = {"correct": 0, "confidence": 1, "all": 2}
-LEARNERS = {"both": 3, "a": 2, "b": 1}  # the selection bits of kinds.h that feed each computed loss
+# rule -> its integer code in the C++ harness (enum Rule in csrc/ops/kinds.h), one for each of ccl_ops.RULES
+RULE_CODES = {"correct": 0, "confidence": 1, "all": 2}
+assert tuple(RULE_CODES) == ccl_ops.RULES, (tuple(RULE_CODES), ccl_ops.RULES)
+# learners -> the selection bits (csrc/ops/kinds.h) whose losses the forward kernel sums
+LEARNER_BITS = {"both": 3, "a": 2, "b": 1}
+assert tuple(LEARNER_BITS) == ccl_ops.LEARNERS, (tuple(LEARNER_BITS), ccl_ops.LEARNERS)
 # Outputs the harness writes, with their dtypes (acc: float64 for float64 inputs, else float32).
 OUTPUT_DTYPES = {
     "loss_a": "acc", "loss_b": "acc", "norm": "acc", "count_ab": torch.int64, "count_ba": torch.int64,
@@ -104,9 +110,9 @@ def _write(path: Path, t: torch.Tensor) -> None:
 
 def kl_case(za, zb, y, *, temperature=1.0, rule="correct", normalize="valid", ignore_index=255, backward=True,
             grad_weights=(0.7, 1.3), mask=(True, True), learners="both", **geometry) -> dict:
-    return dict(op="kl", za=za, zb=zb, y=y, T=temperature, rule=RULES[rule], normalize_valid=int(normalize == "valid"),
+    return dict(op="kl", za=za, zb=zb, y=y, T=temperature, rule=RULE_CODES[rule], normalize_valid=int(normalize == "valid"),
                 ignore_index=ignore_index, backward=int(backward), g_a=grad_weights[0], g_b=grad_weights[1],
-                mask_a=int(mask[0]), mask_b=int(mask[1]), learners=LEARNERS[learners], **geometry)
+                mask_a=int(mask[0]), mask_b=int(mask[1]), learners=LEARNER_BITS[learners], **geometry)
 
 
 def region_case(za, zb, y, *, region=(16, 16), score="ce", ignore_index=255) -> dict:

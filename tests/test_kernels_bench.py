@@ -11,15 +11,39 @@ def test_kernels_benchmark_writes_its_table(tmp_path, capsys):
     table = pd.read_csv(tmp_path / "kernels_cpu.csv")
     assert set(table.impl) == {"eager", "fused"} and set(table.op) == {"pixel_selective_kl", "region_direction_mask"}
     for column in ("fwd_ms", "fwd_bwd_ms", "fwd_GBps", "peak_extra_MB", "copy_GBps", "fwd_bwd_x_vs_eager",
-                   "pct_of_copy_bw"):
+                   "pct_of_copy_bw", "x_floor", "fwd_thread_speedup"):
         assert column in table
     kl = table[table.op == "pixel_selective_kl"]
-    assert (kl.fwd_bwd_ms > 0).all() and (kl.copy_GBps > 0).all()
+    assert (kl.fwd_bwd_ms > 0).all() and (kl.copy_GBps > 0).all() and (kl.x_floor > 0).all()
+    assert (table[table.impl == "fused"].fwd_thread_speedup > 0).all()
+    assert table[table.impl == "eager"].fwd_x_vs_eager.eq(1).all()  # a ratio within each round
     # forward+backward of the fused op allocates at least its two gradients
     fused = kl[kl.impl == "fused"].iloc[0]
     assert fused.peak_extra_logits >= 2
-    assert "| op" in (tmp_path / "kernels_cpu.md").read_text()
+    markdown = (tmp_path / "kernels_cpu.md").read_text()
+    assert "| op" in markdown and "alloc_fill_2_logits_ms" in markdown and "allocator" in markdown
     assert "ccl-bench kernels" in capsys.readouterr().out
+
+
+def test_interleaved_timing_runs_every_call_once_a_round_in_rotating_order():
+    import torch
+
+    from ccl_bench.kernels import Timed, interleaved_ms
+
+    order, threads = [], torch.get_num_threads()
+    seen = {}
+
+    def call(name):
+        def fn(i):
+            order.append((name, i))
+            seen[name] = torch.get_num_threads()
+        return fn
+
+    times = interleaved_ms({"a": Timed(call("a")), "b": Timed(call("b"), threads=1)}, torch.device("cpu"),
+                           warmup=1, reps=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
+    assert order == [("a", 0), ("b", 0), ("a", 0), ("b", 0), ("b", 1), ("a", 1)]
+    assert seen["b"] == 1 and torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,10 +2,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from op_cases import make_inputs
 
 import ccl_ops
 from ccl_ops import reference
+from ccl_ops.testing import make_inputs
 
 
 def test_pixel_bsd_loss_resizes_logits_to_the_labels():

@@ -80,7 +80,7 @@ def test_ensemble_is_mean_of_probabilities():
     torch.testing.assert_close(out["ensemble"]["confusion"], ref.compute()["confusion"])
     single = SegMetrics(C)
     single.update(lb, target)
-    torch.testing.assert_close(out["b"]["confusion"], single.compute()["confusion"])
+    torch.testing.assert_close(out["vit"]["confusion"], single.compute()["confusion"])
     torch.testing.assert_close(ensemble_probs(la, lb).sum(1), torch.ones(target.shape))
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from op_cases import DTYPES, GRAD_TOL, LAYOUTS, LOSS_TOL, SCORE_TOL, make_inputs, shapes, with_layout
+from op_cases import shapes
 
 import ccl_ops
-from ccl_ops import reference
+from ccl_ops import RULES, reference
+from ccl_ops.testing import DTYPES, GRAD_TOL, LAYOUTS, LOSS_TOL, SCORE_TOL, make_inputs, with_layout
 
-RULES = ("correct", "confidence", "all")
 SETTINGS = settings(max_examples=100, deadline=None)
 
 

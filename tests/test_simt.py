@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import GRAD_TOL, LAYOUTS, LOSS_TOL, SCORE_TOL, make_inputs
-from simt_harness import SUPPORTED, build, kl_case, region_case, run
+from simt_harness import RULE_CODES, SUPPORTED, build, kl_case, region_case, run
 
-from ccl_ops import reference
+from ccl_ops import RULES, reference
+from ccl_ops.testing import DTYPES, GRAD_TOL, LAYOUTS, LOSS_TOL, SCORE_TOL, make_inputs
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the SIMT harness needs Linux x86-64")
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-RULES = ("correct", "confidence", "all")
 # (N, C, H, W) reaching every channel bucket of with_channel_bucket: 8 (C = 1, 2, 5), 16, 32 (19 and exactly
 # 32) and the online path (C = 40; float64 always).
 BUCKET_SHAPES = ((2, 1, 5, 7), (2, 2, 6, 5), (2, 5, 9, 11), (1, 13, 7, 12), (2, 19, 8, 9), (1, 32, 4, 5),
@@ -36,7 +34,7 @@ def reference_kl(za, zb, y, case):
     """Reference losses, counts, selection bits and the gradients of g_a * loss_a + g_b * loss_b, in float64."""
     a = za.detach().double().requires_grad_()
     b = zb.detach().double().requires_grad_()
-    rule = next(k for k, v in {"correct": 0, "confidence": 1, "all": 2}.items() if v == case["rule"])
+    rule = next(k for k, v in RULE_CODES.items() if v == case["rule"])
     normalize = "valid" if case["normalize_valid"] else "selected"
     ref = reference.pixel_selective_kl(a, b, y, temperature=case["T"], rule=rule, normalize=normalize,
                                        ignore_index=case["ignore_index"])

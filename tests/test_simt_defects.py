@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import make_inputs
 from simt_harness import SUPPORTED, build, kl_case, region_case, run
+
+from ccl_ops.testing import make_inputs
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the SIMT harness needs Linux x86-64")
 

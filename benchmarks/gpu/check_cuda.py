@@ -10,7 +10,7 @@ Checks (each prints PASS/FAIL/SKIP and goes into the JSON):
   * compile_ro : torch.compile(fullgraph=True, mode="reduce-overhead") gives the eager results
   * no_sync    : fwd+bwd under torch.cuda.set_sync_debug_mode("error") (any host sync raises)
   * bad_label  : an out-of-range label stops the kernel with a device-side assert (in a subprocess)
-  * liger      : ccl_bench.liger_peer matches the reference (when Liger-Kernel imports)
+  * liger      : ccl_bench.kernels.liger_peer matches the reference (when Liger-Kernel imports)
 Bandwidth (rule 'all' = worst case for the backward; 'correct' as in the benchmark): forward, backward and region
 kernels alone, in GB/s of the bytes each must move, and as % of a device copy.
 """
@@ -27,6 +27,7 @@ import torch
 
 import ccl_ops
 from ccl_ops import reference
+from ccl_ops.testing import make_inputs
 
 DEV = torch.device("cuda")
 RESULTS: dict[str, dict] = {}
@@ -43,18 +44,9 @@ def record(name, fn):
 
 
 def make(n, c, h, w, dtype, seed=0, ignore_frac=0.1, channels_last=False):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    za = torch.randn(n, c, h, w, generator=g, device=DEV) * 3
-    zb = torch.randn(n, c, h, w, generator=g, device=DEV) * 3
-    y = torch.randint(0, c, (n, h, w), generator=g, device=DEV)
-    boost = torch.rand(2, n, h, w, generator=g, device=DEV) < 0.5
-    za.scatter_add_(1, y[:, None], boost[0][:, None].float() * 6)
-    zb.scatter_add_(1, y[:, None], boost[1][:, None].float() * 6)
-    y[torch.rand(n, h, w, generator=g, device=DEV) < ignore_frac] = 255
-    za, zb = za.to(dtype), zb.to(dtype)
-    if channels_last:
-        za, zb = za.contiguous(memory_format=torch.channels_last), zb.contiguous(memory_format=torch.channels_last)
-    return za, zb, y
+    """ccl_ops.testing.make_inputs on the GPU: each student right on about half the pixels, 10% ignored."""
+    return make_inputs(seed, n, c, h, w, dtype, ignore_frac=ignore_frac, device=DEV,
+                       layout="channels_last" if channels_last else "contiguous")
 
 
 def fused_fwd_bwd(za, zb, y, **kw):
@@ -197,7 +189,7 @@ def check_bad_label(quick):
 
 
 def check_liger(quick):
-    from ccl_bench import liger_peer
+    from ccl_bench.kernels import liger_peer
 
     if not liger_peer.available():
         return {"status": "SKIP", "why": "liger_kernel does not import"}

@@ -19,18 +19,13 @@ import torch
 
 import ccl_ops
 from ccl_ops import reference
+from ccl_ops.testing import make_inputs
 
 
 def inputs(n, c, h, w, dtype, seed, ignore_frac=0.2, channels_last=False):
-    g = torch.Generator().manual_seed(seed)
-    za = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * 3
-    zb = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * 3
-    y = torch.randint(0, c, (n, h, w), generator=g)
-    y[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
-    za, zb = za.to(dtype), zb.to(dtype)
-    if channels_last:
-        za, zb = za.contiguous(memory_format=torch.channels_last), zb.contiguous(memory_format=torch.channels_last)
-    return za, zb, y
+    """ccl_ops.testing.make_inputs on the CPU, plain noise (no student made right on purpose)."""
+    return make_inputs(seed, n, c, h, w, dtype, ignore_frac=ignore_frac, right_frac=0.0,
+                       layout="channels_last" if channels_last else "contiguous")
 
 
 def main() -> int:

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from ..student_names import STUDENTS
 from .options import check_options, signature_options
 
 # keys whose default is null: the type a value must have when it is set
@@ -280,23 +281,23 @@ def _check_data(data: dict) -> None:
 def _student_chain(path: str, name: str) -> list:
     """The functions a student's options pass through: build_student -> the decoder's builder -> the encoder."""
     from ..models.backbone import CNN_BACKBONES, VIT_BACKBONES, create_encoder
-    from ..models.students import STUDENTS, build_student
+    from ..models.students import STUDENTS as DECODERS, build_student
 
     decoder, _, backbone = name.partition("_")
-    if decoder not in STUDENTS or not backbone:
+    if decoder not in DECODERS or not backbone:
         raise ConfigError(f"{path}={name!r}; expected '<decoder>_<timm backbone>' with decoder in "
-                          f"{sorted(STUDENTS)}, e.g. 'deeplabv3plus_resnet18' or 'segformer_pvt_v2_b0'")
+                          f"{sorted(DECODERS)}, e.g. 'deeplabv3plus_resnet18' or 'segformer_pvt_v2_b0'")
     import timm
 
     if not timm.is_model(backbone):
         raise ConfigError(f"{path}={name!r}: {backbone!r} is not a timm model; tested backbones: "
                           f"{', '.join(CNN_BACKBONES + VIT_BACKBONES)} (any timm model with 4+ feature levels)")
-    return [(build_student, ("name", "num_classes")), (STUDENTS[decoder], ("backbone", "num_classes")),
+    return [(build_student, ("name", "num_classes")), (DECODERS[decoder], ("backbone", "num_classes")),
             (create_encoder, ("backbone",))]
 
 
 def _check_students(students: dict) -> None:
-    for key in ("cnn", "vit"):
+    for key in STUDENTS:
         name = students[key]["name"]
         chain = _student_chain(f"students.{key}.name", name)
         valid, open_ended = signature_options(chain)

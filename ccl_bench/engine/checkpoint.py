@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..student_names import STUDENTS
+
 FORMAT = "ccl-bench-checkpoint"
 VERSION = 1
 REQUIRED = ("format", "version", "step", "students", "method", "optimizers", "schedulers", "rng", "config")
-STUDENT_KEYS = {"cnn": "cnn", "vit": "vit", "a": "cnn", "b": "vit"}
 
 
 class CheckpointError(RuntimeError):
@@ -79,20 +80,21 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} lacks {missing}; it is incomplete")
-    if not isinstance(state["students"], dict) or set(state["students"]) != {"cnn", "vit"}:
-        raise CheckpointError(f"checkpoint {path!r}: 'students' must hold 'cnn' and 'vit' state dicts")
+    if not isinstance(state["students"], dict) or set(state["students"]) != set(STUDENTS):
+        raise CheckpointError(f"checkpoint {path!r}: 'students' must hold {' and '.join(map(repr, STUDENTS))} "
+                              f"state dicts")
     return state
 
 
 def export_student(checkpoint: str, student: str, out: str) -> str:
     """Write one student of a training checkpoint (or of a run directory's last checkpoint) as a plain state
     dict, loadable by ``build_student(name, num_classes, checkpoint=out)``. Returns ``out``."""
-    if student not in STUDENT_KEYS:
-        raise ValueError(f"student={student!r}; expected one of {sorted(STUDENT_KEYS)}")
+    if student not in STUDENTS:
+        raise ValueError(f"student={student!r}; expected one of {list(STUDENTS)}")
     if os.path.isdir(checkpoint):
         checkpoint = os.path.join(checkpoint, "checkpoints", "last.pt")
     state = load_checkpoint(checkpoint)
-    weights = state["students"][STUDENT_KEYS[student]]
+    weights = state["students"][student]
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     torch.save(weights, out)
     return out

@@ -16,10 +16,9 @@ from ccl_ops import to_label_size
 from ccl_ops.reference import selection_masks
 
 from ..metrics import StudentMetrics
+from ..student_names import RESULT_KEYS
 from . import distributed
 
-# the names the run's files use for the students and their ensemble -> the keys of StudentMetrics' result
-RESULT_KEYS = {"cnn": "a", "vit": "b", "ensemble": "ensemble"}
 
 
 @torch.no_grad()
@@ -72,14 +71,13 @@ def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: d
 
 def eval_row(step: int, result: dict) -> dict:
     """One row of ``evals.csv``: the step, then mIoU and pixel accuracy of the CNN, the ViT and the ensemble."""
-    return {"step": step, **{f"miou_{k}": result[m]["miou"] for k, m in RESULT_KEYS.items()},
-            **{f"acc_{k}": result[m]["pixel_acc"] for k, m in RESULT_KEYS.items()}}
+    return {"step": step, **{f"miou_{k}": result[k]["miou"] for k in RESULT_KEYS},
+            **{f"acc_{k}": result[k]["pixel_acc"] for k in RESULT_KEYS}}
 
 
 def result_summary(result: dict, class_names: Sequence[str]) -> dict:
     """The evaluation's part of ``metrics.json`` (NaN per-class IoU, a class absent everywhere, as null)."""
-    return {"miou": {k: result[m]["miou"] for k, m in RESULT_KEYS.items()},
-            "pixel_acc": {k: result[m]["pixel_acc"] for k, m in RESULT_KEYS.items()},
-            "iou": {k: [None if math.isnan(v) else v for v in result[m]["iou"].tolist()]
-                    for k, m in RESULT_KEYS.items()},
+    return {"miou": {k: result[k]["miou"] for k in RESULT_KEYS},
+            "pixel_acc": {k: result[k]["pixel_acc"] for k in RESULT_KEYS},
+            "iou": {k: [None if math.isnan(v) else v for v in result[k]["iou"].tolist()] for k in RESULT_KEYS},
             "class_names": list(class_names)}

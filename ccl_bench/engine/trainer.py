@@ -22,6 +22,7 @@ from .. import config as config_mod
 from ..data import build_dataset
 from ..methods import StudentOutput, build_method
 from ..models import build_student
+from ..student_names import STUDENTS
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluation import eval_row, evaluate_students, result_summary, save_overlays
@@ -30,7 +31,6 @@ from .optim import build_optimizer, build_scheduler
 from .run_dir import checkpoint_path, prepare_run_dir, read_metrics, write_metrics, write_run_config
 from .sampling import EVAL_STREAM, HoldoutSlice, TrainingOrder, private_generator, split_holdout
 
-STUDENTS = ("cnn", "vit")  # student A, student B
 
 
 class NonFiniteLossError(RuntimeError):
@@ -107,8 +107,8 @@ class Trainer:
                                    **config_mod.method_options(cfg)).to(self.device).train()
         self.optimizers, self.schedulers = [], []
         total = cfg["train"]["iters"]
-        for model, key, which in zip(self.students, STUDENTS, "ab"):
-            params = list(model.parameters()) + self.method.student_parameters(which)
+        for model, key in zip(self.students, STUDENTS):
+            params = list(model.parameters()) + self.method.student_parameters(key)
             opt = build_optimizer(params, cfg["optim"][key])
             self.optimizers.append(opt)
             self.schedulers.append(build_scheduler(opt, cfg["optim"][key], total))

@@ -60,8 +60,8 @@ class Method(nn.Module):
         """The images student A and student B see (the same by default)."""
         return x, x
 
-    def student_parameters(self, which: str) -> list[nn.Parameter]:
-        """This method's parameters that the optimizer of student ``which`` ("a" or "b") updates."""
+    def student_parameters(self, student: str) -> list[nn.Parameter]:
+        """This method's parameters that the optimizer of ``student`` (one of :data:`ccl_bench.student_names.STUDENTS`) updates."""
         return []
 
     def on_epoch_start(self, epoch: int, holdout: Any | None) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 from ccl_ops import NORMALIZATIONS, RULES, SCORES, PixelBSDLoss, RegionBSDLoss, resize_bilinear
 
 from ..models import run_stage
+from ..student_names import STUDENTS
 from .base import Method, MethodOutput, StudentOutput, share
 from .registry import register
 
@@ -48,12 +49,13 @@ class CCL(Method):
         if o["pbsd"]:
             self.pbsd = PixelBSDLoss(o["temperature"], o["rule"], o["normalize"], ignore_index=ignore_index)
 
-    def student_parameters(self, which: str) -> list[nn.Parameter]:
+    def student_parameters(self, student: str) -> list[nn.Parameter]:
+        a = STUDENTS.index(student) == 0  # student A (the CNN) owns gamma_a and proj_a
         params = []
         if self.options["hfd"]:
-            params += list((self.gamma_a if which == "a" else self.gamma_b).parameters())
+            params += list((self.gamma_a if a else self.gamma_b).parameters())
         if self.options["rbsd"]:
-            params += list((self.rbsd.proj_a if which == "a" else self.rbsd.proj_b).parameters())
+            params += list((self.rbsd.proj_a if a else self.rbsd.proj_b).parameters())
         return params
 
     def hfd_loss(self, out_a: StudentOutput, out_b: StudentOutput) -> torch.Tensor:

@@ -1,0 +1,305 @@
+"""``ccl-bench kernels``: speed and memory of the ccl ops against their peers.
+
+Implementations per op: ``eager`` (the pure-PyTorch reference), ``compile`` (``torch.compile`` of the same
+reference arithmetic), ``fused`` (the ccl_ops kernel) and, on CUDA where Liger-Kernel imports, ``liger``
+(Liger's KL loss composed with the same masks). For each op x shape x dtype it reports, per implementation, the
+median time of the forward and of forward+backward, the peak memory allocated during forward+backward beyond
+its inputs, and the achieved bandwidth against the minimal bytes.
+
+Timing is interleaved: for each op x shape x dtype, every timed call is warmed up first, then each repetition
+(a round) times every one of them once in turn (the starting point rotating from round to round), so that
+machine noise hits all alike. The calls of a round are: each implementation's forward and forward+backward;
+a copy ``dst.copy_(src)`` of one logits-sized float32 buffer (the machine's copy bandwidth, measured in the
+same rounds); on CPU with ``--threads-scaling`` the fused forward with 1 thread (the others run with
+``torch.get_num_threads()``); and the allocation and filling of two fresh logits-sized float32 tensors
+(``torch.empty(...).fill_(0)`` twice, with whatever allocator is loaded), whose cost, page faults included, is
+comparable to the kernels' on a CPU. A time is the median over rounds; a ratio is the median over rounds of the
+ratio within a round:
+
+* ``*_x_vs_<peer>`` = peer time / this time;
+* ``x_floor`` = fwd_bwd_ms (fwd_ms for a forward-only op) / floor time, the floor being the time to move the
+  minimal bytes at the round's copy bandwidth: read both logits and the labels once, write both gradients once
+  (forward only: read both logits and the labels); ``pct_of_copy_bw`` = 100 / x_floor;
+* ``fwd_thread_speedup`` (fused only) = forward time with 1 thread / forward time with all threads.
+
+A second table gives, per op x shape x dtype, the copy bandwidth and the allocation cost of the same rounds.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import ccl_ops
+from ccl_ops import reference
+from ccl_ops.ops import OPS
+from ccl_ops.testing import DTYPE_BY_NAME, make_inputs
+
+DEFAULT_SHAPES = {"cpu": "2x19x512x512", "cuda": "8x19x512x1024"}
+PEERS = ("eager", "compile")
+
+
+@dataclass
+class Case:
+    op: str
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def make_case_inputs(shape, dtype, device, seed=0):
+    """The benchmark's inputs: :func:`ccl_ops.testing.make_inputs` (each student right on about half the
+    pixels, so both teaching directions occur) with 5% of the pixels ignored."""
+    return make_inputs(seed, *shape, dtype, ignore_frac=0.05, device=device)
+
+
+def implementations(op: str, device: torch.device) -> dict[str, Callable]:
+    """name -> fn(za, zb, y) returning (loss_a, loss_b) for the KL op, or the direction mask for the region op."""
+    if op == "pixel_selective_kl":
+        def kl_math(za, zb, y):
+            return reference.pixel_selective_kl_math(za, zb, y, 1.0, "correct", "valid", 255)[:2]
+
+        impls = {
+            "eager": kl_math,
+            "compile": torch.compile(kl_math, dynamic=False),
+            "fused": lambda za, zb, y: ccl_ops.pixel_selective_kl(za, zb, y)[:2],
+        }
+        if device.type == "cuda":
+            from . import liger_peer
+
+            if liger_peer.available():
+                impls["liger"] = lambda za, zb, y: liger_peer.pixel_selective_kl_math(
+                    za, zb, y, 1.0, "correct", "valid", 255)[:2]
+        return impls
+
+    def region_math(za, zb, y):
+        return reference.region_direction_mask_math(za, zb, y, 16, 16, "ce", 255).direction
+
+    return {
+        "eager": region_math,
+        "compile": torch.compile(region_math, dynamic=False),
+        "fused": lambda za, zb, y: ccl_ops.region_direction_mask(za, zb, y).direction,
+    }
+
+
+@dataclass
+class Timed:
+    """One call of a round: fn(i) for the i-th call, run with `threads` intra-op threads (None: unchanged)."""
+
+    fn: Callable[[int], object]
+    threads: int | None = None
+
+
+def time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call: perf_counter on CPU, CUDA events on GPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_ms(calls: dict[str, Timed], device: torch.device, warmup: int, reps: int) -> dict[str, list[float]]:
+    """Times of every call in every round: all warmed up, then `reps` rounds timing each call once in turn."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    threads = torch.get_num_threads()
+
+    def use_threads(name):
+        wanted = calls[name].threads or threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+
+    try:
+        for i in range(warmup):
+            for name in names:
+                use_threads(name)
+                calls[name].fn(i)
+        for r in range(reps):
+            for k in range(len(names)):
+                name = names[(r + k) % len(names)]
+                use_threads(name)
+                times[name].append(time_once_ms(lambda: calls[name].fn(r), device))
+    finally:
+        torch.set_num_threads(threads)
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num / den within a round."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while fn runs, beyond what was allocated before (its outputs included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def run_case(case: Case, impls: dict[str, Callable], warmup: int, reps: int, rotations: int,
+             threads_scaling: bool) -> tuple[list[dict], dict]:
+    """Rows of every implementation of one op x shape x dtype, and the row of the same rounds' copy and allocation."""
+    inputs = [make_case_inputs(case.shape, case.dtype, case.device, seed=s) for s in range(rotations)]
+    leaves = [(a.clone().requires_grad_(), b.clone().requires_grad_(), labels) for a, b, labels in inputs]
+    za, _, y = inputs[0]
+    logit_bytes = za.numel() * za.element_size()
+    fwd_bytes = 2 * logit_bytes + y.numel() * y.element_size()  # read both logits and the labels
+    has_backward = case.op == "pixel_selective_kl"
+    floor_bytes = fwd_bytes + 2 * logit_bytes if has_backward else fwd_bytes  # + write both gradients
+
+    def forward(fn):
+        def call(i):
+            a, b, labels = inputs[i % rotations]
+            with torch.no_grad():
+                return fn(a, b, labels)
+        return call
+
+    def forward_backward(fn):
+        def call(i):
+            a, b, labels = leaves[i % rotations]
+            loss_a, loss_b = fn(a, b, labels)
+            return torch.autograd.grad(loss_a + loss_b, (a, b))
+        return call
+
+    src = torch.empty(za.shape, dtype=torch.float32, device=case.device).normal_()
+    dst = torch.empty_like(src)
+
+    def alloc_fill(i):
+        return [torch.empty(za.shape, dtype=torch.float32, device=case.device).fill_(0) for _ in range(2)]
+
+    calls = {"copy": Timed(lambda i: dst.copy_(src)), "alloc": Timed(alloc_fill)}
+    for name, fn in impls.items():
+        calls[f"{name}/fwd"] = Timed(forward(fn))
+        if has_backward:
+            calls[f"{name}/fwd_bwd"] = Timed(forward_backward(fn))
+    if threads_scaling and "fused" in impls:
+        calls["fused/fwd@1"] = Timed(forward(impls["fused"]), threads=1)
+    times = interleaved_ms(calls, case.device, warmup, reps)
+
+    copy_bytes = 2 * src.numel() * src.element_size()  # read + write
+    floor_ms = [floor_bytes / copy_bytes * t for t in times["copy"]]  # the minimal bytes at the round's copy bw
+    copy_gbps = copy_bytes / (statistics.median(times["copy"]) * 1e-3) / 1e9
+    key = dict(op=case.op, shape="x".join(map(str, case.shape)), dtype=str(case.dtype).removeprefix("torch."))
+    rows = []
+    for name, fn in impls.items():
+        row = dict(key, impl=name, fwd_ms=statistics.median(times[f"{name}/fwd"]))
+        row["fwd_GBps"] = fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9
+        main = "fwd"
+        if has_backward:
+            main = "fwd_bwd"
+            row["fwd_bwd_ms"] = statistics.median(times[f"{name}/fwd_bwd"])
+            row["fwd_bwd_GBps"] = floor_bytes / (row["fwd_bwd_ms"] * 1e-3) / 1e9
+            peak = peak_extra_bytes(lambda: forward_backward(fn)(0), case.device)
+        else:
+            peak = peak_extra_bytes(lambda: forward(fn)(0), case.device)
+        row["peak_extra_MB"] = peak / 2**20
+        row["peak_extra_logits"] = peak / logit_bytes  # in units of one student's logits
+        for peer in PEERS:
+            for part in ("fwd", "fwd_bwd") if has_backward else ("fwd",):
+                row[f"{part}_x_vs_{peer}"] = (median_ratio(times[f"{peer}/{part}"], times[f"{name}/{part}"])
+                                              if peer in impls else float("nan"))
+        row["copy_GBps"] = copy_gbps
+        row["x_floor"] = median_ratio(times[f"{name}/{main}"], floor_ms)
+        row["pct_of_copy_bw"] = 100 / row["x_floor"]
+        if name == "fused" and "fused/fwd@1" in times:
+            row["fwd_thread_speedup"] = median_ratio(times["fused/fwd@1"], times["fused/fwd"])
+        rows.append(row)
+    costs = dict(key, copy_ms=statistics.median(times["copy"]), copy_GBps=copy_gbps,
+                 floor_ms=statistics.median(floor_ms), alloc_fill_2_logits_ms=statistics.median(times["alloc"]))
+    return rows, costs
+
+
+class BenchArgumentError(ValueError):
+    """An argument of the benchmark names a shape, dtype, op or device it cannot run."""
+
+
+def parse_arguments(device: str, shapes: str | None, dtypes: str, ops: str):
+    """(device, shapes, dtype names, op names) checked, or BenchArgumentError."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchArgumentError("--device cuda: no CUDA device is available on this machine")
+    shape_list = [tuple(int(v) for v in s.split("x")) for s in (shapes or DEFAULT_SHAPES[dev.type]).split(",")]
+    for s in shape_list:
+        if len(s) != 4:
+            raise BenchArgumentError(f"--shapes: each shape is NxCxHxW, got {'x'.join(map(str, s))}")
+    bad = [d for d in dtypes.split(",") if d not in DTYPE_BY_NAME]
+    if bad:
+        raise BenchArgumentError(f"--dtypes: unknown {bad}; expected some of {list(DTYPE_BY_NAME)}")
+    bad = [o for o in ops.split(",") if o not in OPS]
+    if bad:
+        raise BenchArgumentError(f"--ops: unknown {bad}; expected some of {list(OPS)}")
+    return dev, shape_list, dtypes.split(","), ops.split(",")
+
+
+def run(device: str = "cpu", shapes: str | None = None, dtypes: str = "float32", ops: str = ",".join(OPS),
+        impls: str | None = None, warmup: int = 3, reps: int = 10, rotations: int | None = None,
+        threads_scaling: bool | None = None):
+    """(all cases, the copy and allocation costs of their rounds) as two pandas DataFrames."""
+    import pandas as pd
+
+    dev, shape_list, dtype_names, op_names = parse_arguments(device, shapes, dtypes, ops)
+    # On CUDA, rotate through enough input sets that L2 cannot serve them (H100/H200 L2: 50-60 MB).
+    rotations = rotations or (3 if dev.type == "cuda" else 1)
+    if threads_scaling is None:
+        threads_scaling = dev.type == "cpu"
+    rows, costs = [], []
+    for shape in shape_list:
+        for dtype_name in dtype_names:
+            for op in op_names:
+                chosen = {name: fn for name, fn in implementations(op, dev).items()
+                          if not impls or name in impls.split(",")}
+                case = Case(op, shape, DTYPE_BY_NAME[dtype_name], dev)
+                case_rows, case_costs = run_case(case, chosen, warmup, reps, rotations, threads_scaling)
+                rows += case_rows
+                costs.append(case_costs)
+                for row in case_rows:
+                    print(f"  {op:22s} {row['impl']:8s} {row['shape']} {dtype_name}: fwd {row['fwd_ms']:.2f} ms"
+                          + (f", fwd+bwd {row['fwd_bwd_ms']:.2f} ms" if "fwd_bwd_ms" in row else "")
+                          + f", x_floor {row['x_floor']:.2f}", flush=True)
+    return pd.DataFrame(rows), pd.DataFrame(costs)
+
+
+def allocator_description(device: torch.device) -> str:
+    """Which allocator serves the tensors: a malloc preloaded through LD_PRELOAD, else the default."""
+    if device.type == "cuda":
+        return "CUDA caching allocator"
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if name in preload:
+            return f"{name} (LD_PRELOAD)"
+    return "default (glibc malloc)"
+
+
+def machine_description(device: torch.device) -> str:
+    import platform
+
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+    return (f"{what}; torch {torch.__version__}; backend {ccl_ops.backend(device)}; "
+            f"allocator {allocator_description(device)}")
