@@ -25,9 +25,9 @@ from ccl_ops.reference import selection_masks
 def kdcl_loss(z: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, *, temperature: float,
               ignore_index: int = 255) -> torch.Tensor:
     """``T^2 KL(softmax(zt/T) || softmax(z/T))`` averaged over the valid pixels; the teacher ``zt`` is a constant
-    (the op stops its gradient), so only ``z`` learns."""
+    (the op stops its gradient), so only ``z`` learns: the op computes that one direction (``learners="a"``)."""
     return ccl_ops.pixel_selective_kl(z, zt.to(z.dtype), y, temperature=temperature, rule="all",
-                                      ignore_index=ignore_index).loss_a
+                                      ignore_index=ignore_index, learners="a").loss_a
 
 
 def naive_teacher(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:

@@ -150,33 +150,40 @@ if _EXTENSION_ERROR is None:
     def _setup_context(ctx, inputs, output):
         za, zb, _, temperature, _, _, _, learners, grad_mask = inputs  # defaults filled in by torch.library
         _, _, count_ab, count_ba, selection, norm, grad_za, grad_zb = output
-        ctx.save_for_backward(za, zb, selection, norm, grad_za, grad_zb)
         ctx.temperature = temperature
         ctx.learns = (learners != "b", learners != "a")
-        ctx.fused = list(grad_mask)  # gradients the forward wrote and no backward has scaled yet
         ctx.mark_non_differentiable(count_ab, count_ba, selection, norm, grad_za, grad_zb)
         # Otherwise autograd would fill logits-sized zeros for the outputs that get no gradient (grad_za, grad_zb).
         ctx.set_materialize_grads(False)
+        fused = [g if asked else None for g, asked in zip((grad_za, grad_zb), grad_mask)]
+        if all(g is None or type(g) is torch.Tensor for g in fused):
+            # Eager: the backward scales these in place, so they are kept out of save_for_backward (whose version
+            # check would then refuse a second backward through a retained graph, which recomputes instead).
+            ctx.save_for_backward(za, zb, selection, norm)
+            ctx.fused = fused
+        else:  # traced (torch.compile): saved as usual; the backward stays functional
+            ctx.save_for_backward(za, zb, selection, norm, grad_za, grad_zb)
+            ctx.fused = None
+        ctx.grad_mask = list(grad_mask)
 
     def _scaled(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
-        """grad * upstream, in place on a plain tensor (not while tracing), as is when upstream is 1 (CPU)."""
+        """grad * upstream: as is when upstream is 1 (CPU), in place on a plain tensor, functional when traced."""
         upstream = upstream.detach()
-        if type(grad) is not torch.Tensor:  # a tracing subclass (torch.compile): keep the graph functional
+        if type(grad) is not torch.Tensor:
             return grad * upstream
         if grad.device.type == "cpu" and upstream.device.type == "cpu" and upstream.item() == 1.0:
             return grad
         return grad.mul_(upstream)
 
     def _backward(ctx, grad_a, grad_b, *_):
-        za, zb, selection, norm, fused_za, fused_zb = ctx.saved_tensors
-        upstream, fused = (grad_a, grad_b), (fused_za, fused_zb)
+        za, zb, selection, norm, *traced = ctx.saved_tensors
+        fused = ctx.fused if ctx.fused is not None else [g if m else None for g, m in zip(traced, ctx.grad_mask)]
+        upstream = (grad_a, grad_b)
         # A student gets a gradient where its loss is computed, needed and used.
         wanted = [ctx.needs_input_grad[i] and ctx.learns[i] and upstream[i] is not None for i in range(2)]
-        grads = [None, None]
-        for i in range(2):
-            if wanted[i] and ctx.fused[i]:
-                grads[i] = _scaled(fused[i], upstream[i])
-                ctx.fused[i] = False  # scaled in place: a second backward (retain_graph) recomputes
+        grads = [_scaled(fused[i], upstream[i]) if wanted[i] and fused[i] is not None else None for i in range(2)]
+        if ctx.fused is not None:
+            ctx.fused = [None, None]  # handed out (and maybe scaled): a second backward recomputes
         recompute = [wanted[i] and grads[i] is None for i in range(2)]
         if any(recompute):
             g = [norm.new_zeros(()) if u is None else u for u in upstream]

@@ -21,7 +21,9 @@ def run_kl(fn, za, zb, y, grad_weights, **kw):
     za = za.detach().requires_grad_()
     zb = zb.detach().requires_grad_()
     out = fn(za, zb, y, **kw)
-    ga, gb = torch.autograd.grad(out.loss_a * grad_weights[0] + out.loss_b * grad_weights[1], (za, zb))
+    # materialize_grads: a student whose loss is not computed (learners) gets a zero gradient.
+    ga, gb = torch.autograd.grad(out.loss_a * grad_weights[0] + out.loss_b * grad_weights[1], (za, zb),
+                                 allow_unused=True, materialize_grads=True)
     return out, ga, gb
 
 
@@ -63,16 +65,61 @@ def assert_kl_matches_reference(za, zb, y, grad_weights=(1.0, 1.0), reference_dt
     layout=st.sampled_from(LAYOUTS),
     ignore_frac=st.sampled_from((0.0, 0.3, 0.9)),
     grad_weights=st.tuples(st.floats(-2, 2), st.floats(-2, 2)),
+    learners=st.sampled_from(ccl_ops.LEARNERS),
     seed=st.integers(0, 2**31 - 1),
 )
 @example(shape=(1, 2, 3, 17), dtype=torch.float32, rule="confidence", normalize="valid", temperature=1.0,
-         layout="contiguous", ignore_frac=0.9, grad_weights=(1.0, 0.0), seed=256)  # cancellation, found by CI
+         layout="contiguous", ignore_frac=0.9, grad_weights=(1.0, 0.0), learners="both",
+         seed=256)  # cancellation, found by CI
 @example(shape=(2, 5, 7, 9), dtype=torch.float16, rule="all", normalize="valid", temperature=1.0,
-         layout="contiguous", ignore_frac=0.0, grad_weights=(6e-8, 1.0), seed=0)  # float16 subnormal gradients
+         layout="contiguous", ignore_frac=0.0, grad_weights=(6e-8, 1.0), learners="both",
+         seed=0)  # float16 subnormal gradients
 def test_pixel_selective_kl_matches_reference(device, shape, dtype, rule, normalize, temperature, layout,
-                                              ignore_frac, grad_weights, seed):
+                                              ignore_frac, grad_weights, learners, seed):
     za, zb, y = make_inputs(seed, *shape, dtype, ignore_frac=ignore_frac, device=device, layout=layout)
-    assert_kl_matches_reference(za, zb, y, grad_weights, temperature=temperature, rule=rule, normalize=normalize)
+    assert_kl_matches_reference(za, zb, y, grad_weights, temperature=temperature, rule=rule, normalize=normalize,
+                                learners=learners)
+
+
+@pytest.mark.parametrize("normalize", ("valid", "selected"))
+@pytest.mark.parametrize("rule", RULES)
+def test_forward_gradients_are_the_losses_gradients(device, rule, normalize):
+    # The op's gradient outputs (grad_mask) are d loss / d logits at unit upstream gradient, for n known before
+    # the pass (normalize='valid', rule='all') and for n divided out after it; empty where not asked for.
+    za, zb, y = make_inputs(7, 2, 6, 9, 13, torch.float32, device=device)
+    out = torch.ops.ccl.pixel_selective_kl(za, zb, y, 1.5, rule, normalize, 255, "both", [True, True])
+    _, rga, rgb = run_kl(reference.pixel_selective_kl, za.double(), zb.double(), y, (1.0, 1.0), temperature=1.5,
+                         rule=rule, normalize=normalize)
+    torch.testing.assert_close(out[6].double(), rga, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[7].double(), rgb, rtol=1e-5, atol=1e-6)
+    bare = torch.ops.ccl.pixel_selective_kl(za, zb, y, 1.5, rule, normalize, 255)
+    assert bare[6].numel() == 0 and bare[7].numel() == 0
+    for i in range(6):
+        torch.testing.assert_close(bare[i], out[i], rtol=0, atol=0)
+
+
+def test_retained_graph_gives_the_same_gradients_twice(device):
+    # The first backward scales the forward's gradients in place; a second one through the retained graph must
+    # not scale them again (it recomputes), and must give the same result.
+    za, zb, y = make_inputs(8, 2, 5, 8, 9, torch.float32, device=device)
+    a, b = za.clone().requires_grad_(), zb.clone().requires_grad_()
+    out = ccl_ops.pixel_selective_kl(a, b, y, rule="all")
+    loss = 0.7 * out.loss_a + 1.3 * out.loss_b
+    first = torch.autograd.grad(loss, (a, b), retain_graph=True)
+    second = torch.autograd.grad(loss, (a, b))
+    _, rga, rgb = run_kl(reference.pixel_selective_kl, za.double(), zb.double(), y, (0.7, 1.3), rule="all")
+    for got in (first, second):
+        torch.testing.assert_close(got[0].double(), rga, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1].double(), rgb, rtol=1e-5, atol=1e-6)
+
+
+def test_one_loss_used_leaves_the_other_student_without_gradient(device):
+    za, zb, y = make_inputs(9, 2, 5, 8, 9, torch.float32, device=device)
+    a, b = za.clone().requires_grad_(), zb.clone().requires_grad_()
+    ccl_ops.pixel_selective_kl(a, b, y, rule="all").loss_a.backward()
+    _, rga, _ = run_kl(reference.pixel_selective_kl, za.double(), zb.double(), y, (1.0, 0.0), rule="all")
+    torch.testing.assert_close(a.grad.double(), rga, rtol=1e-5, atol=1e-6)
+    assert b.grad is None
 
 
 @SETTINGS
@@ -303,6 +350,7 @@ def test_bad_input_is_a_clear_error(make_bad, kwargs, error, message, op, impl):
     (dict(temperature=float("inf")), "temperature must be"),
     (dict(rule="majority"), "rule='majority' is unknown; expected one of 'correct', 'confidence', 'all'"),
     (dict(normalize="sum"), "normalize='sum' is unknown"),
+    (dict(learners="cnn"), "learners='cnn' is unknown; expected one of 'both', 'a', 'b'"),
 ])
 def test_bad_kl_options(kwargs, message):
     za, zb, y = make_inputs(14, 1, 3, 4, 4, torch.float32)

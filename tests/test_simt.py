@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from simt_harness import RULE_CODES, SUPPORTED, build, kl_case, region_case, run
+from simt_harness import LEARNER_BITS, RULE_CODES, SUPPORTED, build, kl_case, region_case, run
 
 from ccl_ops import RULES, reference
 from ccl_ops.testing import DTYPES, GRAD_TOL, LAYOUTS, LOSS_TOL, SCORE_TOL, make_inputs
@@ -36,9 +36,14 @@ def reference_kl(za, zb, y, case):
     b = zb.detach().double().requires_grad_()
     rule = next(k for k, v in RULE_CODES.items() if v == case["rule"])
     normalize = "valid" if case["normalize_valid"] else "selected"
+    learners = next(k for k, v in LEARNER_BITS.items() if v == case["learners"])
     ref = reference.pixel_selective_kl(a, b, y, temperature=case["T"], rule=rule, normalize=normalize,
-                                       ignore_index=case["ignore_index"])
-    (case["g_a"] * ref.loss_a + case["g_b"] * ref.loss_b).backward()
+                                       ignore_index=case["ignore_index"], learners=learners)
+    loss = case["g_a"] * ref.loss_a + case["g_b"] * ref.loss_b
+    if loss.requires_grad:
+        loss.backward()
+    a.grad = torch.zeros_like(a) if a.grad is None else a.grad  # a student that learns nothing: zero gradient
+    b.grad = torch.zeros_like(b) if b.grad is None else b.grad
     m_ab, m_ba, valid = reference.selection_masks(a.detach(), b.detach(), y, rule, case["ignore_index"])
     bits = (m_ab.to(torch.uint8) | (m_ba.to(torch.uint8) << 1)).flatten()
     n = valid.sum() if normalize == "valid" else (m_ab | m_ba).sum()
@@ -87,6 +92,21 @@ def test_kl_rules_and_normalisations(harness, rule):
     za, zb, y = make_inputs(1, 2, 5, 9, 11, torch.float32)
     run_kl(harness, [kl_case(za, zb, y, rule=rule, normalize=normalize, temperature=t)
                      for normalize in ("valid", "selected") for t in (1.0, 1.7, 0.5)])
+
+
+@pytest.mark.parametrize("learners", ("a", "b"))
+def test_kl_learners(harness, learners):
+    # Only the asked-for loss is summed (the other is exactly 0, NaN guard included); counts, selection and n
+    # do not change; the gradients of the computed loss match (the wrapper asks the backward for that one only).
+    za, zb, y = make_inputs(4, 2, 19, 9, 11, torch.float32)
+    nan_za = za.clone()
+    nan_za[0, 3, 2, 2] = float("nan")
+    mask = (learners == "a", learners == "b")
+    cases = [kl_case(a, zb, y, rule=rule, normalize=normalize, learners=learners, mask=mask, backward=a is za)
+             for rule in RULES for normalize in ("valid", "selected") for a in (za, nan_za)]
+    for out, case in zip(run(harness, cases), cases):
+        assert_kl(out, case)
+        assert (out["loss_b"] if learners == "a" else out["loss_a"]).item() == 0.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
