@@ -51,6 +51,64 @@ void zero_rows(scalar_t* row0, int64_t C, int64_t HW, int64_t count) {
   for (int64_t c = 0; c < C; ++c) std::fill(row0 + c * HW, row0 + c * HW + count, scalar_t(0));
 }
 
+// Pass 3 of a tile. With d_s = (z_s - m_s) / T, log p_s = d_s - log_sum_t_s, so
+//   KL(p_a || p_b) = sum_c p_a (d_a - d_b) - log_sum_t_a + log_sum_t_b   (centred: accurate for large logits);
+// this pass writes the sums over c (kl_ab, kl_ba; the log sums are added by the caller) at the active groups,
+// and the gradient rows (row0_a/row0_b at channel 0 of the tile, channel stride HW, or nullptr) everywhere:
+// mask * (p_a - p_b) for A, mask * (p_b - p_a) for B, exactly 0 where the mask is 0. It runs over pairs of vector
+// groups, all C channels of a pair at a time, so the per-pixel terms stay in registers and each gradient row
+// gets one whole 64-byte line (float) per channel: the non-temporal stores then fill whole lines.
+template <typename scalar_t, typename acc_t>
+void kl_gradient_pass(const Tile<acc_t>& ta, const Tile<acc_t>& tb, const SoftmaxStats<acc_t>& sa,
+                      const SoftmaxStats<acc_t>& sb, int64_t C, acc_t inv_t, const bool* active,
+                      const acc_t* mask_a, const acc_t* mask_b, bool learn_a, bool learn_b, scalar_t* row0_a,
+                      scalar_t* row0_b, int64_t HW, acc_t* kl_ab, acc_t* kl_ba) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  constexpr int P = 2;  // vector groups per step
+  static_assert(kTile % (P * V) == 0, "a tile holds whole pairs of vector groups");
+  const Vec<acc_t> scale(inv_t), zero(0);
+  const bool scaled = inv_t != acc_t(1);
+  for (int64_t i0 = 0; i0 < ta.len; i0 += P * V) {
+    Vec<acc_t> ma[P], mb[P], ra[P], rb[P], wa[P], wb[P], ab[P], ba[P];
+    int64_t count[P];
+    bool on[P];
+    for (int g = 0; g < P; ++g) {
+      const int64_t i = i0 + g * V;
+      count[g] = std::clamp<int64_t>(ta.len - i, 0, V);
+      on[g] = count[g] > 0 && active[i / V];
+      ma[g] = Vec<acc_t>::loadu(sa.max + i), mb[g] = Vec<acc_t>::loadu(sb.max + i);
+      ra[g] = Vec<acc_t>::loadu(sa.inv_sum_t + i), rb[g] = Vec<acc_t>::loadu(sb.inv_sum_t + i);
+      wa[g] = Vec<acc_t>::loadu(mask_a + i), wb[g] = Vec<acc_t>::loadu(mask_b + i);
+      ab[g] = ba[g] = zero;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t* row_a = row0_a ? row0_a + c * HW + i0 : nullptr;
+      scalar_t* row_b = row0_b ? row0_b + c * HW + i0 : nullptr;
+      for (int g = 0; g < P; ++g) {
+        const int64_t i = i0 + g * V;
+        if (!on[g]) {
+          if (row_a && count[g]) store_stream(row_a + g * V, zero, count[g]);
+          if (row_b && count[g]) store_stream(row_b + g * V, zero, count[g]);
+          continue;
+        }
+        const auto pa = Vec<acc_t>::loadu(sa.exps.data() + c * kTile + i) * ra[g];
+        const auto pb = Vec<acc_t>::loadu(sb.exps.data() + c * kTile + i) * rb[g];
+        auto diff = (load(ta, c, i) - ma[g]) - (load(tb, c, i) - mb[g]);
+        if (scaled) diff = diff * scale;
+        if (learn_b) ab[g] = at::vec::fmadd(pa, diff, ab[g]);
+        if (learn_a) ba[g] = at::vec::fnmadd(pb, diff, ba[g]);
+        // Select, do not multiply, so that a pixel where the student does not learn gets exactly 0.
+        if (row_a) store_stream(row_a + g * V, Vec<acc_t>::blendv(wa[g] * (pa - pb), zero, wa[g] == zero), count[g]);
+        if (row_b) store_stream(row_b + g * V, Vec<acc_t>::blendv(wb[g] * (pb - pa), zero, wb[g] == zero), count[g]);
+      }
+    }
+    for (int g = 0; g < P; ++g) {
+      ab[g].store(kl_ab + i0 + g * V);
+      ba[g].store(kl_ba + i0 + g * V);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y, acc_t temperature,
                           Rule rule, uint8_t learners, int64_t ignore_index, GradientOut<scalar_t, acc_t> grad,
@@ -60,8 +118,10 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
   const int64_t tiles = tiles_per_plane(HW);
   const acc_t inv_t = acc_t(1) / temperature;
   const bool learn_a = learners & kBteachesA, learn_b = learners & kAteachesB;
-  const bool grads = grad.a || grad.b;
   uint8_t* sel_out = selection.data_ptr<uint8_t>();
+  const Vec<acc_t> zero(0), coef(grad.coef);
+  // All-ones lanes where a student learns (a blend mask), zero lanes where it does not.
+  const Vec<acc_t> learns_a = learn_a ? zero == zero : zero != zero, learns_b = learn_b ? zero == zero : zero != zero;
 
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     SoftmaxStats<acc_t> sa(C), sb(C);
@@ -69,6 +129,8 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
     alignas(64) acc_t label_f[kTile];
     alignas(64) acc_t kl_ab[kTile], kl_ba[kTile];
     alignas(64) acc_t mask_a[kTile], mask_b[kTile];  // T / n where the student learns, 0 elsewhere
+    alignas(64) acc_t teach_ab[kTile], teach_ba[kTile];  // lane masks: A teaches B, B teaches A
+    alignas(64) acc_t ce_a[kTile], ce_b[kTile];
     std::vector<acc_t> pack_a(C * kTile), pack_b(C * kTile);
     bool active[kTile / V];
     for (int64_t job = begin; job < end; ++job) {
@@ -92,77 +154,62 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
       sum_exp(ta, C, inv_t, need_ce, nullptr, sa);
       sum_exp(tb, C, inv_t, need_ce, nullptr, sb);
 
-      std::fill(active, active + kTile / V, false);
-      for (int64_t i = 0; i < kTile; ++i) mask_a[i] = mask_b[i] = acc_t(0);
-      for (int64_t i = 0; i < len; ++i) {
-        uint8_t bits = 0;
-        if (label[i] >= 0) {
-          bool a_teaches, b_teaches;
-          if (rule == Rule::kAll) {
-            a_teaches = b_teaches = true;
-          } else if (rule == Rule::kCorrect) {
-            const bool right_a = sa.argmax[i] == label_f[i], right_b = sb.argmax[i] == label_f[i];
-            a_teaches = right_a && !right_b;
-            b_teaches = right_b && !right_a;
-          } else {
-            const acc_t ce_a = cross_entropy(ta, sa, i, label[i]), ce_b = cross_entropy(tb, sb, i, label[i]);
-            a_teaches = ce_a < ce_b;
-            b_teaches = ce_b < ce_a;
-          }
-          bits = (a_teaches ? kAteachesB : 0) | (b_teaches ? kBteachesA : 0);
-          part.ab += a_teaches;
-          part.ba += b_teaches;
-          part.any += bits != 0;
+      if (rule == Rule::kConfidence) {  // cross-entropies at T = 1 (a gather of the label's logit: scalar)
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t l = std::max<int64_t>(label[i], 0);
+          ce_a[i] = cross_entropy(ta, sa, i, l);
+          ce_b[i] = cross_entropy(tb, sb, i, l);
         }
-        sel[i] = bits;
-        mask_a[i] = (bits & learners & kBteachesA) ? grad.coef : acc_t(0);
-        mask_b[i] = (bits & learners & kAteachesB) ? grad.coef : acc_t(0);
-        active[i / V] = active[i / V] || (bits & learners) != 0;
+      }
+      // The selection, a vector group at a time (lanes past len have label -1: invalid).
+      for (int64_t i = 0; i < len; i += V) {
+        const auto lab = Vec<acc_t>::loadu(label_f + i);
+        const auto valid = lab >= zero;
+        Vec<acc_t> a_teaches = valid, b_teaches = valid;
+        if (rule == Rule::kCorrect) {
+          const auto right_a = Vec<acc_t>::loadu(sa.argmax + i) == lab, right_b = Vec<acc_t>::loadu(sb.argmax + i) == lab;
+          const auto differ = right_a ^ right_b;
+          a_teaches = valid & right_a & differ;
+          b_teaches = valid & right_b & differ;
+        } else if (rule == Rule::kConfidence) {
+          const auto ca = Vec<acc_t>::loadu(ce_a + i), cb = Vec<acc_t>::loadu(ce_b + i);
+          a_teaches = valid & (ca < cb);
+          b_teaches = valid & (cb < ca);
+        }
+        a_teaches.store(teach_ab + i);
+        b_teaches.store(teach_ba + i);
+        const int ab_bits = lane_bits(a_teaches), ba_bits = lane_bits(b_teaches);
+        for (int64_t k = 0; k < std::min(V, len - i); ++k) {
+          sel[i + k] = static_cast<uint8_t>(((ab_bits >> k) & 1) * kAteachesB | ((ba_bits >> k) & 1) * kBteachesA);
+        }
+        part.ab += __builtin_popcount(ab_bits);
+        part.ba += __builtin_popcount(ba_bits);
+        part.any += __builtin_popcount(ab_bits | ba_bits);
+        Vec<acc_t>::blendv(zero, coef, b_teaches & learns_a).store(mask_a + i);
+        Vec<acc_t>::blendv(zero, coef, a_teaches & learns_b).store(mask_b + i);
+        active[i / V] = ((learn_b ? ab_bits : 0) | (learn_a ? ba_bits : 0)) != 0;
       }
 
-      // Pass 3: with d_s = (z_s - m_s) / T, log p_s = d_s - log_sum_t_s, so
-      // KL(p_a || p_b) = sum_c p_a (d_a - d_b) - log_sum_t_a + log_sum_t_b (centred: accurate for large logits).
+      kl_gradient_pass(ta, tb, sa, sb, C, inv_t, active, mask_a, mask_b, learn_a, learn_b,
+                       grad.a ? grad.a + out0 : nullptr, grad.b ? grad.b + out0 : nullptr, HW, kl_ab, kl_ba);
+      // KL = sum_c p_a (d_a - d_b) - log_sum_t_a + log_sum_t_b at the selected pixels. A NaN logit at any valid
+      // pixel (selected or not) must reach both losses, never vanish: the max carries it (an infinite max gives
+      // NaN too, as softmax does). Ignored pixels add exactly 0.
+      Vec<acc_t> sum_ab(0), sum_ba(0);
       for (int64_t i = 0; i < len; i += V) {
-        Vec<acc_t>(0).store(kl_ab + i);
-        Vec<acc_t>(0).store(kl_ba + i);
+        const auto ma = Vec<acc_t>::loadu(sa.max + i), mb = Vec<acc_t>::loadu(sb.max + i);
+        const auto guard = (ma - ma) + (mb - mb);
+        const auto log_ratio = Vec<acc_t>::loadu(sb.log_sum_t + i) - Vec<acc_t>::loadu(sa.log_sum_t + i);
+        const auto valid = Vec<acc_t>::loadu(label_f + i) >= zero;
+        const auto ab = Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(kl_ab + i) + log_ratio,
+                                           Vec<acc_t>::loadu(teach_ab + i));
+        const auto ba = Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(kl_ba + i) - log_ratio,
+                                           Vec<acc_t>::loadu(teach_ba + i));
+        sum_ab = sum_ab + Vec<acc_t>::blendv(zero, guard + ab, valid);
+        sum_ba = sum_ba + Vec<acc_t>::blendv(zero, guard + ba, valid);
       }
-      const Vec<acc_t> scale(inv_t), zero(0);
-      for (int64_t c = 0; c < C; ++c) {
-        scalar_t* row_a = grad.a ? grad.a + out0 + c * HW : nullptr;
-        scalar_t* row_b = grad.b ? grad.b + out0 + c * HW : nullptr;
-        for (int64_t i = 0; i < len; i += V) {
-          const int64_t count = std::min(V, len - i);
-          if (!active[i / V]) {
-            if (row_a) store_stream(row_a + i, zero, count);
-            if (row_b) store_stream(row_b + i, zero, count);
-            continue;
-          }
-          const auto pa = sa.prob(c, i), pb = sb.prob(c, i);
-          const auto da = (load(ta, c, i) - Vec<acc_t>::loadu(sa.max + i)) * scale;
-          const auto db = (load(tb, c, i) - Vec<acc_t>::loadu(sb.max + i)) * scale;
-          const auto diff = da - db;
-          if (learn_b) (Vec<acc_t>::loadu(kl_ab + i) + pa * diff).store(kl_ab + i);
-          if (learn_a) (Vec<acc_t>::loadu(kl_ba + i) - pb * diff).store(kl_ba + i);
-          // Select, do not multiply, so that a pixel where the student does not learn gets exactly 0.
-          if (row_a) {
-            const auto m = Vec<acc_t>::loadu(mask_a + i);
-            store_stream(row_a + i, Vec<acc_t>::blendv(m * (pa - pb), zero, m == zero), count);
-          }
-          if (row_b) {
-            const auto m = Vec<acc_t>::loadu(mask_b + i);
-            store_stream(row_b + i, Vec<acc_t>::blendv(m * (pb - pa), zero, m == zero), count);
-          }
-        }
-      }
-      for (int64_t i = 0; i < len; ++i) {
-        if (label[i] < 0) continue;
-        const acc_t log_ratio = sb.log_sum_t[i] - sa.log_sum_t[i];
-        // A NaN logit at any valid pixel (selected or not) must reach both losses, never vanish: the max
-        // carries it (an infinite max gives NaN too, as softmax does).
-        const acc_t nan_guard = (sa.max[i] - sa.max[i]) + (sb.max[i] - sb.max[i]);
-        part.kl_ab += nan_guard + ((sel[i] & kAteachesB) ? kl_ab[i] + log_ratio : acc_t(0));
-        part.kl_ba += nan_guard + ((sel[i] & kBteachesA) ? kl_ba[i] - log_ratio : acc_t(0));
-      }
+      part.kl_ab = lane_sum(sum_ab);
+      part.kl_ba = lane_sum(sum_ba);
       parts[job] = part;
     }
     stream_fence();

@@ -40,11 +40,12 @@ inline PlaneView<scalar_t> plane(const at::Tensor& z, int64_t n) {
           z.size(3)};
 }
 
-// C rows of len consecutive acc_t values: channel c of pixel i is origin[c * sC + i].
+// C rows of kTile acc_t values, of which the first len are the tile's pixels: channel c of pixel i is
+// origin[c * kTile + i]. Lanes past len hold whatever an earlier tile left (finite or not): every pass loads
+// whole vectors and only lanes below len reach a result.
 template <typename acc_t>
 struct Tile {
   const acc_t* origin;
-  int64_t sC;
   int64_t len;
 };
 
@@ -74,18 +75,18 @@ inline Tile<acc_t> make_tile(const PlaneView<scalar_t>& v, int64_t p0, int64_t l
       if (++w == v.W) w = 0, ++h;
     }
   }
-  return {pack, kTile, len};
+  return {pack, len};
 }
 
-// Lanes [i, i + Vec::size()) of channel c; lanes past the tile's end are zero.
+// Lanes [i, i + Vec::size()) of channel c (i < kTile).
 template <typename acc_t>
 inline Vec<acc_t> load(const Tile<acc_t>& t, int64_t c, int64_t i) {
-  return Vec<acc_t>::loadu(t.origin + c * t.sC + i, std::min<int64_t>(Vec<acc_t>::size(), t.len - i));
+  return Vec<acc_t>::loadu(t.origin + c * kTile + i);
 }
 
 template <typename acc_t>
 inline acc_t load_one(const Tile<acc_t>& t, int64_t c, int64_t i) {
-  return t.origin[c * t.sC + i];
+  return t.origin[c * kTile + i];
 }
 
 // Store lanes [0, count) of v to dst (consecutive), converting to scalar_t.
@@ -120,6 +121,32 @@ inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
   _mm_sfence();
 #endif
+}
+
+// Bit k set where lane k of a comparison result (all bits set or clear) is set.
+template <typename acc_t>
+inline int lane_bits(const Vec<acc_t>& m) {
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+  if constexpr (std::is_same_v<acc_t, float> && Vec<float>::size() == 8) return _mm256_movemask_ps(m);
+  if constexpr (std::is_same_v<acc_t, double> && Vec<double>::size() == 4) return _mm256_movemask_pd(m);
+#endif
+  alignas(64) acc_t lanes[Vec<acc_t>::size()];
+  m.store(lanes);
+  int bits = 0;
+  for (int k = 0; k < Vec<acc_t>::size(); ++k) {
+    bits |= (std::signbit(lanes[k]) ? 1 : 0) << k;  // a set mask is all ones: negative (a NaN with its sign set)
+  }
+  return bits;
+}
+
+// Sum of the lanes, in double.
+template <typename acc_t>
+inline double lane_sum(const Vec<acc_t>& v) {
+  alignas(64) acc_t lanes[Vec<acc_t>::size()];
+  v.store(lanes);
+  double sum = 0;
+  for (int k = 0; k < Vec<acc_t>::size(); ++k) sum += lanes[k];
+  return sum;
 }
 
 // Labels of a tile: label[i] = y or -1 where ignored. An out-of-range label is recorded in `bad` (first one
@@ -205,29 +232,44 @@ inline void max_argmax(const Tile<acc_t>& t, int64_t C, SoftmaxStats<acc_t>& s) 
   }
 }
 
+// One vector group of sum_exp, with its options as template arguments so that the loop over C has no branch.
+template <bool kScale, bool kOwnSum1, bool kKeepExps, typename acc_t>
+inline void sum_exp_group(const Tile<acc_t>& t, int64_t C, const Vec<acc_t>& scale, int64_t i, bool with_sum_1,
+                          SoftmaxStats<acc_t>& s) {
+  const auto m = Vec<acc_t>::loadu(s.max + i);
+  Vec<acc_t> sum(0), sum_1(0);
+  acc_t* e = s.exps.data() + i;
+  for (int64_t c = 0; c < C; ++c) {
+    const auto d = load(t, c, i) - m;
+    const auto e_t = (kScale ? d * scale : d).exp_u20();
+    if constexpr (kKeepExps) e_t.store(e + c * kTile);
+    sum = sum + e_t;
+    if constexpr (kOwnSum1) sum_1 = sum_1 + d.exp_u20();
+  }
+  sum.log().store(s.log_sum_t + i);
+  sum.reciprocal().store(s.inv_sum_t + i);
+  if (with_sum_1) (kOwnSum1 ? sum_1 : sum).store(s.sum_1 + i);
+}
+
 // Needs s.max. `active[g]` (per vector group) lets callers skip groups nobody needs; nullptr = all.
-// keep_exps = false: only the sums (callers that never form probabilities).
+// keep_exps = false: only the sums (callers that never form probabilities; honoured at T = 1).
 template <typename acc_t>
 inline void sum_exp(const Tile<acc_t>& t, int64_t C, acc_t inv_t, bool with_sum_1, const bool* active,
                     SoftmaxStats<acc_t>& s, bool keep_exps = true) {
   constexpr int64_t V = Vec<acc_t>::size();
-  const bool unit_t = inv_t == acc_t(1), own_sum_1 = with_sum_1 && !unit_t;
+  const bool scaled = inv_t != acc_t(1), own_sum_1 = with_sum_1 && scaled;
   const Vec<acc_t> scale(inv_t);
-  for (int64_t i = 0; i < t.len; i += V) {
-    if (active && !active[i / V]) continue;
-    const auto m = Vec<acc_t>::loadu(s.max + i);
-    Vec<acc_t> sum(0), sum_1(0);
-    acc_t* e = s.exps.data() + i;
-    for (int64_t c = 0; c < C; ++c) {
-      const auto d = load(t, c, i) - m;
-      const auto e_t = (unit_t ? d : d * scale).exp_u20();
-      if (keep_exps) e_t.store(e + c * kTile);
-      sum = sum + e_t;
-      if (own_sum_1) sum_1 = sum_1 + d.exp_u20();
+  auto groups = [&](auto group) {
+    for (int64_t i = 0; i < t.len; i += V) {
+      if (!active || active[i / V]) group(t, C, scale, i, with_sum_1, s);
     }
-    sum.log().store(s.log_sum_t + i);
-    sum.reciprocal().store(s.inv_sum_t + i);
-    if (with_sum_1) (own_sum_1 ? sum_1 : sum).store(s.sum_1 + i);
+  };
+  if (!scaled) {
+    keep_exps ? groups(sum_exp_group<false, false, true, acc_t>) : groups(sum_exp_group<false, false, false, acc_t>);
+  } else if (own_sum_1) {
+    groups(sum_exp_group<true, true, true, acc_t>);
+  } else {
+    groups(sum_exp_group<true, false, true, acc_t>);
   }
 }
 
