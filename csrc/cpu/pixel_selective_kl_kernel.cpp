@@ -51,8 +51,8 @@ void zero_rows(scalar_t* row0, int64_t C, int64_t HW, int64_t count) {
   for (int64_t c = 0; c < C; ++c) std::fill(row0 + c * HW, row0 + c * HW + count, scalar_t(0));
 }
 
-// Pass 3 of a tile. With d_s = (z_s - m_s) / T, log p_s = d_s - log_sum_t_s, so
-//   KL(p_a || p_b) = sum_c p_a (d_a - d_b) - log_sum_t_a + log_sum_t_b   (centred: accurate for large logits);
+// Pass 3 of a tile. With d_s = (z_s - m_s) / T, log p_s = d_s - log S_s (S_s = sum_t), so
+//   KL(p_a || p_b) = sum_c p_a (d_a - d_b) + log(S_b / S_a)   (centred: accurate for large logits);
 // this pass writes the sums over c (kl_ab, kl_ba; the log sums are added by the caller) at the active groups,
 // and the gradient rows (row0_a/row0_b at channel 0 of the tile, channel stride HW, or nullptr) everywhere:
 // mask * (p_a - p_b) for A, mask * (p_b - p_a) for B, exactly 0 where the mask is 0. It runs over pairs of vector
@@ -192,19 +192,20 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
 
       kl_gradient_pass(ta, tb, sa, sb, C, inv_t, active, mask_a, mask_b, learn_a, learn_b,
                        grad.a ? grad.a + out0 : nullptr, grad.b ? grad.b + out0 : nullptr, HW, kl_ab, kl_ba);
-      // KL = sum_c p_a (d_a - d_b) - log_sum_t_a + log_sum_t_b at the selected pixels. A NaN logit at any valid
+      // KL = sum_c p_a (d_a - d_b) + log(S_b / S_a) at the selected pixels (one logarithm per group that has one). A NaN logit at any valid
       // pixel (selected or not) must reach both losses, never vanish: the max carries it (an infinite max gives
       // NaN too, as softmax does). Ignored pixels add exactly 0.
       Vec<acc_t> sum_ab(0), sum_ba(0);
       for (int64_t i = 0; i < len; i += V) {
         const auto ma = Vec<acc_t>::loadu(sa.max + i), mb = Vec<acc_t>::loadu(sb.max + i);
         const auto guard = (ma - ma) + (mb - mb);
-        const auto log_ratio = Vec<acc_t>::loadu(sb.log_sum_t + i) - Vec<acc_t>::loadu(sa.log_sum_t + i);
         const auto valid = Vec<acc_t>::loadu(label_f + i) >= zero;
-        const auto ab = Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(kl_ab + i) + log_ratio,
-                                           Vec<acc_t>::loadu(teach_ab + i));
-        const auto ba = Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(kl_ba + i) - log_ratio,
-                                           Vec<acc_t>::loadu(teach_ba + i));
+        const auto t_ab = Vec<acc_t>::loadu(teach_ab + i), t_ba = Vec<acc_t>::loadu(teach_ba + i);
+        const auto log_ratio = lane_bits(t_ab | t_ba)
+                                   ? (Vec<acc_t>::loadu(sb.sum_t + i) * Vec<acc_t>::loadu(sa.inv_sum_t + i)).log()
+                                   : zero;
+        const auto ab = Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(kl_ab + i) + log_ratio, t_ab);
+        const auto ba = Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(kl_ba + i) - log_ratio, t_ba);
         sum_ab = sum_ab + Vec<acc_t>::blendv(zero, guard + ab, valid);
         sum_ba = sum_ba + Vec<acc_t>::blendv(zero, guard + ba, valid);
       }

@@ -194,14 +194,15 @@ inline void raise_if_bad_label(const std::atomic<int64_t>& bad, int64_t C, int64
 // inputs are detected through the max, which does (at::vec::maximum). With m = max_c z and
 // e_c = exp((z_c - m) / T), the exponentials are kept per tile (C x kTile, L1/L2-resident) so that the passes
 // that need probabilities p_c = e_c * inv_sum_t multiply instead of exponentiating again:
-//   log_sum_t = log sum_c e_c, inv_sum_t = 1 / sum_c e_c   -> log p_c = (z_c - m) / T - log_sum_t
+//   sum_t = sum_c e_c, inv_sum_t = 1 / sum_c e_c          -> log p_c = (z_c - m) / T - log sum_t
+// (no logarithm here: the out-of-line vector log cost 8% of the forward; callers take one where they need it)
 //   sum_1 = sum_c exp(z_c - m)                              -> cross-entropy at T = 1 (when asked)
 template <typename acc_t>
 struct SoftmaxStats {
   explicit SoftmaxStats(int64_t C) : exps(static_cast<size_t>(C * kTile)) {}
   alignas(64) acc_t max[kTile];
   alignas(64) acc_t argmax[kTile];  // lowest index among equal maxima (NaN counts as the maximum), as torch.argmax
-  alignas(64) acc_t log_sum_t[kTile];
+  alignas(64) acc_t sum_t[kTile];
   alignas(64) acc_t inv_sum_t[kTile];
   alignas(64) acc_t sum_1[kTile];
   std::vector<acc_t> exps;  // e_c of pixel i at [c * kTile + i]
@@ -246,7 +247,7 @@ inline void sum_exp_group(const Tile<acc_t>& t, int64_t C, const Vec<acc_t>& sca
     sum = sum + e_t;
     if constexpr (kOwnSum1) sum_1 = sum_1 + d.exp_u20();
   }
-  sum.log().store(s.log_sum_t + i);
+  sum.store(s.sum_t + i);
   sum.reciprocal().store(s.inv_sum_t + i);
   if (with_sum_1) (kOwnSum1 ? sum_1 : sum).store(s.sum_1 + i);
 }
