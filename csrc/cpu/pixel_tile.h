@@ -22,7 +22,7 @@
 
 namespace ccl::cpu {
 
-constexpr int64_t kTile = 128;
+constexpr int64_t kTile = 512;
 
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
@@ -215,22 +215,31 @@ struct SoftmaxStats {
 // Both passes below run vector group by vector group, all C channels of a group at a time, so the running
 // statistics stay in registers (one load of each logit, one store of each result per group) instead of being
 // loaded and stored again for every channel.
-template <typename acc_t>
+template <typename acc_t, bool kArgmax = true>
 inline void max_argmax(const Tile<acc_t>& t, int64_t C, SoftmaxStats<acc_t>& s) {
   constexpr int64_t V = Vec<acc_t>::size();
   for (int64_t i = 0; i < t.len; i += V) {
     Vec<acc_t> m(-std::numeric_limits<acc_t>::infinity()), argmax(0), index(0);
     const Vec<acc_t> one(1);
-    for (int64_t c = 0; c < C; ++c, index = index + one) {
+    for (int64_t c = 0; c < C; ++c) {
       const auto z = load(t, c, i);
-      // As torch.argmax: the first strictly greater value, or the first NaN (z != z) while m is not NaN.
-      const auto take = (z > m) | ((z != z) & (m == m));
-      argmax = Vec<acc_t>::blendv(argmax, index, take);
+      if constexpr (kArgmax) {
+        // As torch.argmax: the first strictly greater value, or the first NaN (z != z) while m is not NaN.
+        const auto take = (z > m) | ((z != z) & (m == m));
+        argmax = Vec<acc_t>::blendv(argmax, index, take);
+        index = index + one;
+      }
       m = at::vec::maximum(m, z);  // propagates NaN
     }
     m.store(s.max + i);
-    argmax.store(s.argmax + i);
+    if constexpr (kArgmax) argmax.store(s.argmax + i);
   }
+}
+
+// The max alone (callers that never need the argmax).
+template <typename acc_t>
+inline void max_only(const Tile<acc_t>& t, int64_t C, SoftmaxStats<acc_t>& s) {
+  max_argmax<acc_t, false>(t, C, s);
 }
 
 // One vector group of sum_exp, with its options as template arguments so that the loop over C has no branch.

@@ -18,6 +18,32 @@
 namespace ccl::cpu {
 namespace {
 
+// Per-pixel cross-entropy at T = 1 of a tile, log(sum_c exp(z_c - m)) - (z_y - m), a vector group at a time
+// (the label's logit is gathered first; an ignored pixel reads channel 0 and is dropped by the caller).
+template <typename acc_t>
+void pixel_cross_entropy(const Tile<acc_t>& t, int64_t C, const int64_t* label, SoftmaxStats<acc_t>& s,
+                         acc_t* out) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  max_only(t, C, s);
+  sum_exp(t, C, acc_t(1), /*with_sum_1=*/true, nullptr, s, /*keep_exps=*/false);
+  for (int64_t i = 0; i < t.len; ++i) out[i] = load_one(t, std::max<int64_t>(label[i], 0), i);
+  for (int64_t i = 0; i < t.len; i += V) {
+    const auto m = Vec<acc_t>::loadu(s.max + i);
+    (Vec<acc_t>::loadu(s.sum_1 + i).log() - (Vec<acc_t>::loadu(out + i) - m)).store(out + i);
+  }
+}
+
+// Per-pixel accuracy (argmax == label: 1 or 0) of a tile.
+template <typename acc_t>
+void pixel_accuracy(const Tile<acc_t>& t, int64_t C, const acc_t* label_f, SoftmaxStats<acc_t>& s, acc_t* out) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  max_argmax(t, C, s);
+  const Vec<acc_t> one(1), zero(0);
+  for (int64_t i = 0; i < t.len; i += V) {
+    Vec<acc_t>::blendv(zero, one, Vec<acc_t>::loadu(s.argmax + i) == Vec<acc_t>::loadu(label_f + i)).store(out + i);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y, int64_t rh, int64_t rw,
                    Score score, int64_t ignore_index, at::Tensor& direction, at::Tensor& scores,
@@ -32,6 +58,7 @@ void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor&
     alignas(64) int64_t label[kTile];
     alignas(64) acc_t label_f[kTile];
     std::vector<acc_t> pack_a(C * kTile), pack_b(C * kTile);
+    alignas(64) acc_t score_a[kTile], score_b[kTile];
     std::vector<acc_t> sum_a(Wr), sum_b(Wr);
     std::vector<int64_t> count(Wr);
     for (int64_t job = begin; job < end; ++job) {
@@ -46,23 +73,22 @@ void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor&
           if (labels.read(p0, len, label, label_f) == 0) continue;
           const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, pack_a.data());
           const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data());
-          max_argmax(ta, C, sa);
-          max_argmax(tb, C, sb);
           if (score == Score::kCrossEntropy) {
-            sum_exp(ta, C, acc_t(1), true, nullptr, sa, /*keep_exps=*/false);
-            sum_exp(tb, C, acc_t(1), true, nullptr, sb, /*keep_exps=*/false);
+            pixel_cross_entropy(ta, C, label, sa, score_a);
+            pixel_cross_entropy(tb, C, label, sb, score_b);
+          } else {
+            pixel_accuracy(ta, C, label_f, sa, score_a);
+            pixel_accuracy(tb, C, label_f, sb, score_b);
           }
+          // Into the regions of the tile's pixels (w0 + i) / rw, walked without a division per pixel;
+          // ignored pixels add exactly 0 (a select: their scores may be anything).
+          int64_t q = w0 / rw, next = (q + 1) * rw - w0;
           for (int64_t i = 0; i < len; ++i) {
-            if (label[i] < 0) continue;
-            const int64_t region = (w0 + i) / rw;
-            if (score == Score::kCrossEntropy) {
-              sum_a[region] += cross_entropy(ta, sa, i, label[i]);
-              sum_b[region] += cross_entropy(tb, sb, i, label[i]);
-            } else {
-              sum_a[region] += sa.argmax[i] == label_f[i];
-              sum_b[region] += sb.argmax[i] == label_f[i];
-            }
-            count[region] += 1;
+            if (i == next) ++q, next += rw;
+            const bool valid = label[i] >= 0;
+            sum_a[q] += valid ? score_a[i] : acc_t(0);
+            sum_b[q] += valid ? score_b[i] : acc_t(0);
+            count[q] += valid;
           }
         }
       }
