@@ -1,9 +1,11 @@
 // CPU kernels of pixel_selective_kl (METHOD.md §1): forward (optionally with the gradients) and backward, fused
 // per tile of pixels.
 //
-// Forward, per tile: pass 1 max/argmax of both students, pass 2 their exponentials and sums (kept for the
-// tile, so no exponential is computed twice), then the selection per pixel, then pass 3: the two KL sums over
-// the vector groups with a selected pixel and, when asked (grad_mask), the gradients of both losses
+// Forward, per tile (kTile pixels packed into C x kTile rows), a vector group of pixels at a time:
+// pass 1 max/argmax of both students; the selection (for rule 'confidence' after pass 2, which its
+// cross-entropies need); pass 2 the exponentials and their sums (kept for the tile, so no exponential is computed
+// twice), for rules 'correct' and 'all' only at the vector groups where a student learns; pass 3 the two KL sums
+// over those groups and, when asked (grad_mask), the gradients of both losses
 //     dloss_a/dza = T / n * [B teaches A] * (p_a - p_b)   (and symmetrically for zb),
 // written once, in the same pass: the autograd backward then only scales them by the upstream gradient, in
 // place (Liger-Kernel's habit), instead of reading the logits and exponentiating again. n is counted from the
@@ -150,11 +152,9 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
       const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data());
       max_argmax(ta, C, sa);
       max_argmax(tb, C, sb);
-      const bool need_ce = rule == Rule::kConfidence;
-      sum_exp(ta, C, inv_t, need_ce, nullptr, sa);
-      sum_exp(tb, C, inv_t, need_ce, nullptr, sb);
-
       if (rule == Rule::kConfidence) {  // cross-entropies at T = 1 (a gather of the label's logit: scalar)
+        sum_exp(ta, C, inv_t, /*with_sum_1=*/true, nullptr, sa);
+        sum_exp(tb, C, inv_t, /*with_sum_1=*/true, nullptr, sb);
         for (int64_t i = 0; i < len; ++i) {
           const int64_t l = std::max<int64_t>(label[i], 0);
           ce_a[i] = cross_entropy(ta, sa, i, l);
@@ -190,6 +190,10 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
         active[i / V] = ((learn_b ? ab_bits : 0) | (learn_a ? ba_bits : 0)) != 0;
       }
 
+      if (rule != Rule::kConfidence) {  // the selection needed no softmax: exponentials only where a student learns
+        sum_exp(ta, C, inv_t, false, active, sa);
+        sum_exp(tb, C, inv_t, false, active, sb);
+      }
       kl_gradient_pass(ta, tb, sa, sb, C, inv_t, active, mask_a, mask_b, learn_a, learn_b,
                        grad.a ? grad.a + out0 : nullptr, grad.b ? grad.b + out0 : nullptr, HW, kl_ab, kl_ba);
       // KL = sum_c p_a (d_a - d_b) + log(S_b / S_a) at the selected pixels (one logarithm per group that has one). A NaN logit at any valid
@@ -201,7 +205,7 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
         const auto guard = (ma - ma) + (mb - mb);
         const auto valid = Vec<acc_t>::loadu(label_f + i) >= zero;
         const auto t_ab = Vec<acc_t>::loadu(teach_ab + i), t_ba = Vec<acc_t>::loadu(teach_ba + i);
-        const auto log_ratio = lane_bits(t_ab | t_ba)
+        const auto log_ratio = active[i / V]  // else no learner's pixel here, and the sums may not be computed
                                    ? (Vec<acc_t>::loadu(sb.sum_t + i) * Vec<acc_t>::loadu(sa.inv_sum_t + i)).log()
                                    : zero;
         const auto ab = Vec<acc_t>::blendv(zero, Vec<acc_t>::loadu(kl_ab + i) + log_ratio, t_ab);

@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <limits>
 #include <type_traits>
@@ -65,7 +66,11 @@ inline Tile<acc_t> make_tile(const PlaneView<scalar_t>& v, int64_t p0, int64_t l
     for (int64_t c = 0; c < v.C; ++c) {
       const scalar_t* row = origin + c * v.sC;
       acc_t* out = pack + c * kTile;
-      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<acc_t>(row[i]);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        std::memcpy(out, row, len * sizeof(acc_t));  // explicit: the vectoriser's choice for the loop varied
+      } else {
+        for (int64_t i = 0; i < len; ++i) out[i] = static_cast<acc_t>(row[i]);
+      }
       for (int64_t i = 0; i < kTile; i += kLine) __builtin_prefetch(row + len + i, 0, 2);
     }
   } else {  // pixel by pixel, channels innermost (contiguous for channels_last)
@@ -242,23 +247,29 @@ inline void max_only(const Tile<acc_t>& t, int64_t C, SoftmaxStats<acc_t>& s) {
   max_argmax<acc_t, false>(t, C, s);
 }
 
-// One vector group of sum_exp, with its options as template arguments so that the loop over C has no branch.
+// sum_exp over the vector groups (all, or those with active[g]), its options as template arguments so that the
+// loop over C has no branch.
 template <bool kScale, bool kOwnSum1, bool kKeepExps, typename acc_t>
-inline void sum_exp_group(const Tile<acc_t>& t, int64_t C, const Vec<acc_t>& scale, int64_t i, bool with_sum_1,
-                          SoftmaxStats<acc_t>& s) {
-  const auto m = Vec<acc_t>::loadu(s.max + i);
-  Vec<acc_t> sum(0), sum_1(0);
-  acc_t* e = s.exps.data() + i;
-  for (int64_t c = 0; c < C; ++c) {
-    const auto d = load(t, c, i) - m;
-    const auto e_t = (kScale ? d * scale : d).exp_u20();
-    if constexpr (kKeepExps) e_t.store(e + c * kTile);
-    sum = sum + e_t;
-    if constexpr (kOwnSum1) sum_1 = sum_1 + d.exp_u20();
+inline void sum_exp_groups(const Tile<acc_t>& t, int64_t C, acc_t inv_t, bool with_sum_1, const bool* active,
+                           SoftmaxStats<acc_t>& s) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  const Vec<acc_t> scale(inv_t);
+  for (int64_t i = 0; i < t.len; i += V) {
+    if (active && !active[i / V]) continue;
+    const auto m = Vec<acc_t>::loadu(s.max + i);
+    Vec<acc_t> sum(0), sum_1(0);
+    acc_t* e = s.exps.data() + i;
+    for (int64_t c = 0; c < C; ++c) {
+      const auto d = load(t, c, i) - m;
+      const auto e_t = (kScale ? d * scale : d).exp_u20();
+      if constexpr (kKeepExps) e_t.store(e + c * kTile);
+      sum = sum + e_t;
+      if constexpr (kOwnSum1) sum_1 = sum_1 + d.exp_u20();
+    }
+    sum.store(s.sum_t + i);
+    sum.reciprocal().store(s.inv_sum_t + i);
+    if (with_sum_1) (kOwnSum1 ? sum_1 : sum).store(s.sum_1 + i);
   }
-  sum.store(s.sum_t + i);
-  sum.reciprocal().store(s.inv_sum_t + i);
-  if (with_sum_1) (kOwnSum1 ? sum_1 : sum).store(s.sum_1 + i);
 }
 
 // Needs s.max. `active[g]` (per vector group) lets callers skip groups nobody needs; nullptr = all.
@@ -266,20 +277,13 @@ inline void sum_exp_group(const Tile<acc_t>& t, int64_t C, const Vec<acc_t>& sca
 template <typename acc_t>
 inline void sum_exp(const Tile<acc_t>& t, int64_t C, acc_t inv_t, bool with_sum_1, const bool* active,
                     SoftmaxStats<acc_t>& s, bool keep_exps = true) {
-  constexpr int64_t V = Vec<acc_t>::size();
-  const bool scaled = inv_t != acc_t(1), own_sum_1 = with_sum_1 && scaled;
-  const Vec<acc_t> scale(inv_t);
-  auto groups = [&](auto group) {
-    for (int64_t i = 0; i < t.len; i += V) {
-      if (!active || active[i / V]) group(t, C, scale, i, with_sum_1, s);
-    }
-  };
-  if (!scaled) {
-    keep_exps ? groups(sum_exp_group<false, false, true, acc_t>) : groups(sum_exp_group<false, false, false, acc_t>);
-  } else if (own_sum_1) {
-    groups(sum_exp_group<true, true, true, acc_t>);
+  if (inv_t == acc_t(1)) {
+    keep_exps ? sum_exp_groups<false, false, true>(t, C, inv_t, with_sum_1, active, s)
+              : sum_exp_groups<false, false, false>(t, C, inv_t, with_sum_1, active, s);
+  } else if (with_sum_1) {
+    sum_exp_groups<true, true, true>(t, C, inv_t, with_sum_1, active, s);
   } else {
-    groups(sum_exp_group<true, false, true, acc_t>);
+    sum_exp_groups<true, false, true>(t, C, inv_t, with_sum_1, active, s);
   }
 }
 
