@@ -242,13 +242,10 @@ std::tuple<at::Tensor, at::Tensor> fresh_gradients(const at::Tensor& za, const a
   return grads;
 }
 
-using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor>;
-
-ForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
-                                      double temperature, c10::string_view rule_name, c10::string_view normalize_name,
-                                      int64_t ignore_index, c10::string_view learners_name,
-                                      std::array<bool, 2> grad_mask) {
+KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
+                                        double temperature, c10::string_view rule_name, c10::string_view normalize_name,
+                                        int64_t ignore_index, c10::string_view learners_name,
+                                        std::array<bool, 2> grad_mask) {
   check_logits_and_labels(za, zb, y);
   check_temperature(temperature);
   const Rule rule = parse_rule(std::string(rule_name));

@@ -28,13 +28,10 @@ std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cuda(const at::Te
                                                                     const at::Tensor& selection, const at::Tensor& norm,
                                                                     double temperature, std::array<bool, 2> mask);
 
-using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor>;
-
-ForwardOutputs pixel_selective_kl_cuda(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
-                                       double temperature, c10::string_view rule_name, c10::string_view normalize_name,
-                                       int64_t ignore_index, c10::string_view learners_name,
-                                       std::array<bool, 2> grad_mask) {
+KlForwardOutputs pixel_selective_kl_cuda(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
+                                         double temperature, c10::string_view rule_name, c10::string_view normalize_name,
+                                         int64_t ignore_index, c10::string_view learners_name,
+                                         std::array<bool, 2> grad_mask) {
   check_logits_and_labels(za, zb, y);
   check_temperature(temperature);
   TORCH_CHECK(za.is_cuda(), "pixel_selective_kl (CUDA): tensors must be on a CUDA device, got ", za.device());

@@ -67,6 +67,11 @@ inline void check_backward_inputs(const at::Tensor& za, const at::Tensor& zb, co
               selection.sizes());
 }
 
+// The outputs of pixel_selective_kl (its schema: csrc/ops/pixel_selective_kl.cpp): loss_a, loss_b, count_ab,
+// count_ba, selection, norm, grad_za, grad_zb.
+using KlForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                    at::Tensor>;
+
 // The gradient outputs of pixel_selective_kl_backward: contiguous NCHW, or empty where output_mask is false.
 inline std::tuple<at::Tensor, at::Tensor> empty_gradients(const at::Tensor& za, const at::Tensor& zb,
                                                          std::array<bool, 2> mask) {
