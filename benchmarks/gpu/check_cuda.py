@@ -10,6 +10,8 @@ Checks (each prints PASS/FAIL/SKIP and goes into the JSON):
   * compile_ro : torch.compile(fullgraph=True, mode="reduce-overhead") gives the eager results
   * no_sync    : fwd+bwd under torch.cuda.set_sync_debug_mode("error") (any host sync raises)
   * bad_label  : an out-of-range label stops the kernel with a device-side assert (in a subprocess)
+  * forward_gradients: gradients written by the forward (grad_mask) equal the backward's at unit upstream
+                gradients; learners='a'/'b' give exactly 0 for the other loss and the same kept loss
   * liger      : ccl_bench.kernels.liger_peer matches the reference (when Liger-Kernel imports)
 Bandwidth (rule 'all' = worst case for the backward; 'correct' as in the benchmark): forward, backward and region
 kernels alone, in GB/s of the bytes each must move, and as % of a device copy.
@@ -168,6 +170,22 @@ def check_no_sync(quick):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def check_forward_gradients_and_learners(quick):
+    """The launcher paths the SIMT harness does not run: gradients written by the forward (grad_mask) equal the
+    backward's at unit upstream gradients, and learners='a'/'b' zero exactly the other loss."""
+    za, zb, y = make(2, 19, 64, 96, torch.float32, seed=5)
+    for rule, normalize in (("correct", "valid"), ("confidence", "selected"), ("all", "valid")):
+        out = torch.ops.ccl.pixel_selective_kl(za, zb, y, 1.5, rule, normalize, 255, "both", [True, True])
+        one = torch.ones((), device=DEV)
+        again = torch.ops.ccl.pixel_selective_kl_backward(one, one, za, zb, out[4], out[5], 1.5, [True, True])
+        torch.testing.assert_close(out[6], again[0], rtol=0, atol=0)
+        torch.testing.assert_close(out[7], again[1], rtol=0, atol=0)
+        for learners, kept, dropped in (("a", 0, 1), ("b", 1, 0)):
+            part = torch.ops.ccl.pixel_selective_kl(za, zb, y, 1.5, rule, normalize, 255, learners)
+            assert part[dropped].item() == 0.0, (rule, learners, part[dropped].item())
+            torch.testing.assert_close(part[kept], out[kept], rtol=1e-6, atol=1e-7)
+
+
 def check_bad_label(quick):
     code = textwrap.dedent("""
         import torch, ccl_ops
@@ -270,7 +288,8 @@ def main() -> int:
     assert torch.cuda.is_available() and "cuda" in ccl_ops.KERNEL_DEVICES, ccl_ops.KERNEL_DEVICES
     for name, fn in (("large", check_large), ("determinism", check_determinism), ("cuda_graph", check_cuda_graph),
                      ("compile_reduce_overhead", check_compile_reduce_overhead), ("no_sync", check_no_sync),
-                     ("bad_label", check_bad_label), ("liger", check_liger), ("bandwidth", bandwidth)):
+                     ("bad_label", check_bad_label), ("forward_gradients", check_forward_gradients_and_learners),
+                     ("liger", check_liger), ("bandwidth", bandwidth)):
         record(name, lambda fn=fn: fn(args.quick))
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "results": RESULTS}

@@ -221,25 +221,32 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
   });
 }
 
-// The gradients are fresh buffers first touched by this kernel. On Linux, hint transparent huge pages for them
-// (as PyTorch's THP_MEM_ALLOC_ENABLE does for every allocation), so that first touch takes one page fault per
-// 2 MB instead of one per 4 KB: with glibc's allocator every logits-sized buffer is a fresh mmap, and its 4 KB
-// faults cost several times the arithmetic (measured in benchmarks/RESULTS_CPU.md).
-void advise_huge_pages(const at::Tensor& t) {
+// The gradients are fresh buffers first touched by this kernel: with glibc's allocator every logits-sized
+// buffer is a fresh mmap, and its 4 KB page faults cost several times the arithmetic (benchmarks/RESULTS_CPU.md).
+// On Linux a buffer of at least one huge page is therefore allocated 2 MB longer, the tensor placed at its first
+// 2 MB boundary and that span hinted as transparent huge pages (what PyTorch's THP_MEM_ALLOC_ENABLE does for
+// every allocation): first touch then takes one fault per 2 MB, with no 4 KB pages at unaligned ends. The
+// untouched slack costs address space, not memory.
+at::Tensor empty_on_huge_pages(const at::Tensor& like) {
 #ifdef __linux__
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1), last = end & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
+  constexpr int64_t kHugePage = int64_t(2) << 20;
+  const int64_t numel = like.numel(), size = like.element_size(), bytes = numel * size;
+  if (bytes >= kHugePage && kHugePage % size == 0) {
+    auto buffer = at::empty({numel + kHugePage / size}, like.options());
+    const auto base = reinterpret_cast<uintptr_t>(buffer.data_ptr());
+    const uintptr_t aligned = (base + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
+    madvise(reinterpret_cast<void*>(aligned), bytes & ~(kHugePage - 1), MADV_HUGEPAGE);  // a hint: errors ignored
+    return buffer.narrow(0, static_cast<int64_t>(aligned - base) / size, numel).view(like.sizes());
+  }
 #endif
+  return at::empty(like.sizes(), like.options());
 }
 
+// The gradient outputs: contiguous NCHW (on huge pages), or empty where mask is false.
 std::tuple<at::Tensor, at::Tensor> fresh_gradients(const at::Tensor& za, const at::Tensor& zb,
                                                    std::array<bool, 2> mask) {
-  auto grads = empty_gradients(za, zb, mask);
-  advise_huge_pages(std::get<0>(grads));
-  advise_huge_pages(std::get<1>(grads));
-  return grads;
+  return {mask[0] ? empty_on_huge_pages(za) : at::empty({0}, za.options()),
+          mask[1] ? empty_on_huge_pages(zb) : at::empty({0}, zb.options())};
 }
 
 KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
