@@ -46,7 +46,7 @@ struct GradientOut {
   acc_t coef = 0;
 };
 
-// Zeros for pixels [i, i + count) of every channel of a tile's gradient rows (from `row0`, channel stride HW).
+// Zeros for the first `count` pixels of every channel of a tile's gradient rows (from `row0`, channel stride HW).
 template <typename scalar_t>
 void zero_rows(scalar_t* row0, int64_t C, int64_t HW, int64_t count) {
   if (row0 == nullptr) return;
@@ -140,7 +140,7 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
       const int64_t out0 = n * C * HW + p0;  // gradient of channel 0, first pixel of the tile
       TilePartial part;
       part.valid = label_reader(y, n, C, ignore_index, &bad).read(p0, len, label, label_f);
-      uint8_t* sel = sel_out + n * HW + p0;  // written in place, read back by pass 3
+      uint8_t* sel = sel_out + n * HW + p0;  // the selection bits, written in place
       if (part.valid == 0) {  // nothing to do: ignored pixels never count, whatever their logits
         std::fill(sel, sel + len, uint8_t(0));
         zero_rows(grad.a ? grad.a + out0 : nullptr, C, HW, len);
