@@ -66,8 +66,7 @@ void kl_gradient_pass(const Tile<acc_t>& ta, const Tile<acc_t>& tb, const Softma
                       const acc_t* mask_a, const acc_t* mask_b, bool learn_a, bool learn_b, scalar_t* row0_a,
                       scalar_t* row0_b, int64_t HW, acc_t* kl_ab, acc_t* kl_ba) {
   constexpr int64_t V = Vec<acc_t>::size();
-  constexpr int P = 2;  // vector groups per step
-  static_assert(kTile % (P * V) == 0, "a tile holds whole pairs of vector groups");
+  constexpr int P = kGroups;  // vector groups per step (pixel_tile.h)
   const Vec<acc_t> scale(inv_t), zero(0);
   const bool scaled = inv_t != acc_t(1);
   for (int64_t i0 = 0; i0 < ta.len; i0 += P * V) {
@@ -134,7 +133,7 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
     alignas(64) acc_t teach_ab[kTile], teach_ba[kTile];  // lane masks: A teaches B, B teaches A
     alignas(64) acc_t ce_a[kTile], ce_b[kTile];
     std::vector<acc_t> pack_a(C * kTile), pack_b(C * kTile);
-    bool active[kTile / V];
+    bool active[kTile / V] = {};  // stale past len (the passes run whole pairs of groups): never read there uninitialised
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / tiles, p0 = (job % tiles) * kTile, len = std::min(kTile, HW - p0);
       const int64_t out0 = n * C * HW + p0;  // gradient of channel 0, first pixel of the tile
