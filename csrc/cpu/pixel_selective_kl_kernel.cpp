@@ -133,7 +133,7 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
     alignas(64) acc_t teach_ab[kTile], teach_ba[kTile];  // lane masks: A teaches B, B teaches A
     alignas(64) acc_t ce_a[kTile], ce_b[kTile];
     std::vector<acc_t> pack_a(C * kTile), pack_b(C * kTile);
-    bool active[kTile / V] = {};  // stale past len (the passes run whole pairs of groups): never read there uninitialised
+    bool active[kTile / V] = {};  // past len stale (the passes run pairs of groups), never uninitialised
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / tiles, p0 = (job % tiles) * kTile, len = std::min(kTile, HW - p0);
       const int64_t out0 = n * C * HW + p0;  // gradient of channel 0, first pixel of the tile
