@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from op_cases import shapes
+from op_cases import shapes, wide_shapes
 
 import ccl_ops
 from ccl_ops import RULES, reference
@@ -124,7 +124,7 @@ def test_one_loss_used_leaves_the_other_student_without_gradient(device):
 
 @SETTINGS
 @given(
-    shape=shapes,
+    shape=shapes | wide_shapes,
     dtype=st.sampled_from(DTYPES),
     score=st.sampled_from(("ce", "accuracy")),
     region=st.tuples(st.integers(1, 9), st.integers(1, 9)),
@@ -145,6 +145,38 @@ def test_region_direction_mask_matches_reference(device, shape, dtype, score, re
     decided = (ref.scores[:, 0] - ref.scores[:, 1]).abs() > 1e-4
     torch.testing.assert_close(out.direction[decided], ref.direction[decided])
     assert ((out.direction == 0) | ~ref.scores.isnan().any(1)).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", ("far_apart", "+inf", "-inf", "-inf_at_label", "nan"))
+def test_region_cross_entropy_of_extreme_logits(device, layout, case):
+    # The CPU kernel reads float NCHW logits in place (W a multiple of 16) shifted by the label's logit, and must
+    # fall back to the max-shifted path where that could overflow (logits far apart, an infinite one), and
+    # propagate NaN; every layout must agree with the reference in float32, the precision the kernel computes in.
+    scale = 1e4 / 6 if case == "far_apart" else 3.0
+    za, zb, y = make_inputs(11, 2, 5, 6, 32, torch.float32, scale=scale, ignore_frac=0.0)
+    where = (0, slice(None), 1, 7)  # one pixel of sample 0, every channel
+    label = int(y[0, 1, 7])
+    if case in ("+inf", "-inf"):
+        za[where][(label + 1) % 5] = float(case)
+    elif case == "-inf_at_label":
+        za[where][label] = -float("inf")
+    elif case == "nan":
+        za[where][(label + 2) % 5] = float("nan")
+    za, zb, y = with_layout(za.to(device), layout), with_layout(zb.to(device), layout), y.to(device)
+    out = ccl_ops.region_direction_mask(za, zb, y, region=(2, 16))
+    ref = reference.region_direction_mask(za, zb, y, region=(2, 16))
+    torch.testing.assert_close(out.scores, ref.scores, equal_nan=True, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.direction, ref.direction)
+    if case != "far_apart":
+        expected = {"+inf": float("nan"), "-inf": None, "-inf_at_label": float("inf"), "nan": float("nan")}[case]
+        got = out.scores[0, 0, 0, 0].item()
+        if expected is None:
+            assert got == got and got != float("inf")
+        elif expected != expected:
+            assert got != got
+        else:
+            assert got == expected
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -41,37 +41,47 @@ inline PlaneView<scalar_t> plane(const at::Tensor& z, int64_t n) {
           z.size(3)};
 }
 
+// Where the next tile's rows start in memory (NCHW: the same rows, len pixels on), for prefetch; base nullptr for
+// other layouts.
+//
+// prefetch(c, i) hints the line of the next tile at channel c, pixel i into L2. The passes call it once per channel
+// and pair of vector groups (16 float pixels: one 64-byte line), so the next tile streams in while this one is
+// computed, evenly spread over the pass, and the memory time hides behind the arithmetic (2C short rows per tile
+// are too short and too many streams for the hardware prefetchers). Measured in one process, interleaved calls of
+// region_direction_mask at (2, 19, 512, 512): 15% (1 thread) and 11% (2 threads) faster than hinting the whole
+// next tile while packing this one, 25% faster than no hint. A prefetch past the end of the logits never faults.
+// An asm statement, not __builtin_prefetch: GCC 12 dropped the builtin from these loops (absent from the
+// disassembly).
+struct Ahead {
+  const char* base = nullptr;
+  int64_t channel_bytes = 0, pixel_bytes = 0;
+
+  void prefetch(int64_t c, int64_t i) const {
+    if (!base) return;
+    const char* line = base + c * channel_bytes + i * pixel_bytes;
+#if defined(__x86_64__)
+    asm volatile("prefetcht1 %0" : : "m"(*line));
+#else
+    __builtin_prefetch(line, 0, 2);
+#endif
+  }
+};
+
+// The next tile's rows after a tile of len pixels from `origin` (channel 0), channels sC elements apart.
+template <typename scalar_t>
+inline Ahead ahead_of(const scalar_t* origin, int64_t len, int64_t sC) {
+  return {reinterpret_cast<const char*>(origin + len), sC * int64_t(sizeof(scalar_t)), int64_t(sizeof(scalar_t))};
+}
+
 // C rows of kTile acc_t values, of which the first len are the tile's pixels: channel c of pixel i is
 // origin[c * kTile + i]. Lanes past len hold whatever an earlier tile left (finite or not): every pass loads
 // whole vectors and only lanes below len reach a result.
-//
-// `ahead` is where the next tile's rows start in memory (NCHW: the same rows, len pixels on; nullptr for other
-// layouts), for prefetch_ahead.
 template <typename acc_t>
 struct Tile {
   const acc_t* origin;
   int64_t len;
-  const char* ahead = nullptr;
-  int64_t ahead_channel_bytes = 0, ahead_pixel_bytes = 0;
+  Ahead ahead;
 };
-
-// Hints the line of the next tile at channel c, pixel i into L2. The passes call it once per channel and pair of
-// vector groups (16 float pixels: one 64-byte line), so the next tile streams in while this one is computed,
-// evenly spread over the pass, and the memory time hides behind the arithmetic (2C short rows per tile are too
-// short and too many streams for the hardware prefetchers). Measured in one process, interleaved calls of
-// region_direction_mask at (2, 19, 512, 512): 15% (1 thread) and 11% (2 threads) faster than hinting the whole next tile while packing
-// this one, 25% faster than no hint. A prefetch past the end of the logits never faults. An asm statement, not
-// __builtin_prefetch: GCC 12 dropped the builtin from these loops (absent from the disassembly).
-template <typename acc_t>
-inline void prefetch_ahead(const Tile<acc_t>& t, int64_t c, int64_t i) {
-  if (!t.ahead) return;
-  const char* line = t.ahead + c * t.ahead_channel_bytes + i * t.ahead_pixel_bytes;
-#if defined(__x86_64__)
-  asm volatile("prefetcht1 %0" : : "m"(*line));
-#else
-  __builtin_prefetch(line, 0, 2);
-#endif
-}
 
 // Pixels p0 .. p0 + len - 1 of a plane, packed into `pack` (C * kTile values, converted to acc_t once).
 // Always packed, even when the rows could be read in place: in NCHW the C rows of a tile lie H * W elements
@@ -92,8 +102,7 @@ inline Tile<acc_t> make_tile(const PlaneView<scalar_t>& v, int64_t p0, int64_t l
         for (int64_t i = 0; i < len; ++i) out[i] = static_cast<acc_t>(row[i]);
       }
     }
-    return {pack, len, reinterpret_cast<const char*>(origin + len), v.sC * int64_t(sizeof(scalar_t)),
-            int64_t(sizeof(scalar_t))};
+    return {pack, len, ahead_of(origin, len, v.sC)};
   } else {  // pixel by pixel, channels innermost (contiguous for channels_last)
     for (int64_t i = 0, h = h0, w = w0; i < len; ++i) {
       const scalar_t* pixel = v.data + h * v.sH + w * v.sW;
@@ -215,28 +224,40 @@ inline void raise_if_bad_label(const std::atomic<int64_t>& bad, int64_t C, int64
               ") nor ignore_index=", ignore_index);
 }
 
-// exp(d) for d <= 0 (logits minus their maximum, times 1 / T), the kernels' only exponential. As
-// 2^x = 2^round(x) * 2^r with x = d * log2(e) and |r| <= 1/2: a degree-5 polynomial for 2^r (relative-error
-// fit; < 2e-7 relative error evaluated in float, against about 2e-6 for at::vec's exp_u20) and 2^round(x) built
-// in the exponent bits. Knowing d <= 0 saves the upper clamp and the edge blends: 12 vector instructions
-// against exp_u20's 20, which matters because the exponentials are most of the kernels' arithmetic. x is
-// clamped below at -127, whose power of two has exponent bits 0, so exp(-inf) and anything below 2^-127 give
-// exactly 0; NaN propagates (the clamp returns its second operand). Other types and ISAs: at::vec's exp_u20.
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+constexpr bool kAvx2Float = true;
+
+// 2^x for x in [-127, 127], NaN propagated, as 2^round(x) * 2^r with |r| <= 1/2: a degree-5 polynomial for 2^r
+// (relative-error fit; < 2e-7 relative error evaluated in float, against about 2e-6 for at::vec's exp_u20) and
+// 2^round(x) built in the exponent bits. 2^-127 has exponent bits 0: exactly 0. Callers clamp x.
+inline __m256 exp2_in_range(__m256 x) {
+  const __m256 shifter = _mm256_set1_ps(12582912.f);  // 1.5 * 2^23: x + shifter holds round(x) in its low bits
+  const __m256 t = _mm256_add_ps(x, shifter);
+  const __m256 r = _mm256_sub_ps(x, _mm256_sub_ps(t, shifter));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.32647e-3f), r, _mm256_set1_ps(9.67151e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550734e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.24022242f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.693147f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i power = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+}
+
+inline __m256 log2e_times(__m256 d) { return _mm256_mul_ps(d, _mm256_set1_ps(1.44269504088896341f)); }
+#else
+constexpr bool kAvx2Float = false;
+#endif
+
+// exp(d) for d <= 0 (logits minus their maximum, times 1 / T), the kernels' exponential: exp2_in_range of
+// d * log2(e) clamped below at -127 (exp(-inf) and anything below 2^-127 give exactly 0; the clamp returns its
+// second operand, so NaN propagates). Knowing d <= 0 saves the upper clamp and the edge blends: 12 vector
+// instructions against exp_u20's 20, which matters because the exponentials are most of the kernels'
+// arithmetic. Other types and ISAs: at::vec's exp_u20.
 template <typename acc_t>
 inline Vec<acc_t> exp_nonpositive(const Vec<acc_t>& d) {
 #if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
   if constexpr (std::is_same_v<acc_t, float> && Vec<float>::size() == 8) {
-    const __m256 shifter = _mm256_set1_ps(12582912.f);  // 1.5 * 2^23: x + shifter holds round(x) in its low bits
-    const __m256 x = _mm256_max_ps(_mm256_set1_ps(-127.f), _mm256_mul_ps(d, _mm256_set1_ps(1.44269504088896341f)));
-    const __m256 t = _mm256_add_ps(x, shifter);
-    const __m256 r = _mm256_sub_ps(x, _mm256_sub_ps(t, shifter));
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.32647e-3f), r, _mm256_set1_ps(9.67151e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550734e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.24022242f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.693147f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    const __m256i power = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+    return exp2_in_range(_mm256_max_ps(_mm256_set1_ps(-127.f), log2e_times(d)));
   }
 #endif
   return d.exp_u20();
@@ -313,13 +334,13 @@ inline void sum_exp_groups(const Tile<acc_t>& t, int64_t C, acc_t inv_t, bool wi
   const Vec<acc_t> scale(inv_t);
   for (int64_t i = 0; i < t.len; i += kGroups * V) {
     if (active && !active[i / V] && !active[i / V + 1]) {
-      for (int64_t c = 0; c < C; ++c) prefetch_ahead(t, c, i);
+      for (int64_t c = 0; c < C; ++c) t.ahead.prefetch(c, i);
       continue;
     }
     Vec<acc_t> m[kGroups], sum[kGroups], sum_1[kGroups];
     for (int g = 0; g < kGroups; ++g) m[g] = Vec<acc_t>::loadu(s.max + i + g * V), sum[g] = sum_1[g] = Vec<acc_t>(0);
     for (int64_t c = 0; c < C; ++c) {
-      prefetch_ahead(t, c, i);
+      t.ahead.prefetch(c, i);
       for (int g = 0; g < kGroups; ++g) {
         const auto d = load(t, c, i + g * V) - m[g];
         const auto e_t = exp_nonpositive(kScale ? d * scale : d);

@@ -1,9 +1,10 @@
 // CPU kernel of region_direction_mask (METHOD.md §2).
 //
 // One task per (sample, row of regions): it walks the rh pixel rows of its regions in tiles along W, computes
-// each pixel's score for both students (cross-entropy at T = 1 from one max pass and one exp pass, or argmax
-// == label from the max pass alone) and adds it to its region's sums. Each region is summed by one task in a
-// fixed order, so the result is deterministic.
+// each pixel's score for both students (cross-entropy at T = 1, or argmax == label from a max pass) and adds it
+// to its region's sums. The cross-entropy of float NCHW logits takes one pass over the logits read in place
+// (cross_entropy_in_place); other dtypes and layouts pack the tile and take a max pass and an exp pass. Each
+// region is summed by one task in a fixed order, so the result is deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -31,6 +32,57 @@ void pixel_cross_entropy(const Tile<acc_t>& t, int64_t C, const int64_t* label, 
     const auto m = Vec<acc_t>::loadu(s.max + i);
     (Vec<acc_t>::loadu(s.sum_1 + i).log() - (Vec<acc_t>::loadu(out + i) - m)).store(out + i);
   }
+}
+
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+// Per-pixel cross-entropy at T = 1 of a tile of float logits read in place (channel 0 of its first pixel at
+// `origin`, channels sC apart, len a multiple of 16), in one pass over the channels: shifted by the label's logit
+// instead of the max, ce = log(sum_c exp(z_c - z_y)). No max pass and no packed copy: each line of the logits is
+// read once, its next tile's line prefetched. The label's own term is exactly 1, so the sum is >= 1 and its log
+// accurate. z_c - z_y may be positive: the exponent is clamped at 126, and a pair of groups whose sum reaches 2^125
+// (a clamp or an overflow possible: logits more than ~86 apart, or an infinite one) or is NaN (a NaN logit, or an
+// infinite label logit: inf - inf) makes it return false, and the caller takes the max-shifted path for the
+// tile, which gives those pixels the reference's NaN or infinity.
+bool cross_entropy_in_place(const float* origin, int64_t C, int64_t sC, int64_t len, const int64_t* label,
+                            float* out) {
+  constexpr int64_t V = 8;
+  const Ahead ahead = ahead_of(origin, len, sC);
+  alignas(32) float label_logit[kTile];
+  for (int64_t i = 0; i < len; ++i) label_logit[i] = origin[std::max<int64_t>(label[i], 0) * sC + i];  // ignored: 0
+  const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(126.f), overflow = _mm256_set1_ps(0x1p125f);
+  for (int64_t i = 0; i < len; i += kGroups * V) {
+    __m256 shift[kGroups], sum[kGroups];
+    for (int g = 0; g < kGroups; ++g) shift[g] = _mm256_load_ps(label_logit + i + g * V), sum[g] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+      ahead.prefetch(c, i);
+      for (int g = 0; g < kGroups; ++g) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(origin + c * sC + i + g * V), shift[g]);
+        sum[g] = _mm256_add_ps(sum[g], exp2_in_range(_mm256_min_ps(hi, _mm256_max_ps(lo, log2e_times(d)))));
+      }
+    }
+    for (int g = 0; g < kGroups; ++g) {
+      if (_mm256_movemask_ps(_mm256_cmp_ps(sum[g], overflow, _CMP_NLT_UQ))) return false;  // NaN too
+      Vec<float>(sum[g]).log().store(out + i + g * V);
+    }
+  }
+  return true;
+}
+#endif
+
+// Per-pixel cross-entropy at T = 1 of the tile p0 .. p0 + len - 1 of one student: in place (float NCHW, whole
+// pairs of vector groups), else packed into `pack`.
+template <typename scalar_t, typename acc_t>
+void tile_cross_entropy(const PlaneView<scalar_t>& v, int64_t p0, int64_t len, const int64_t* label, acc_t* pack,
+                        SoftmaxStats<acc_t>& s, acc_t* out) {
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    const int64_t w0 = p0 % v.W;
+    const bool in_place = v.sW == 1 && (w0 + len <= v.W || v.sH == v.W) && len % (kGroups * Vec<float>::size()) == 0;
+    const float* origin = v.data + (p0 / v.W) * v.sH + w0;
+    if (in_place && cross_entropy_in_place(origin, v.C, v.sC, len, label, out)) return;
+  }
+#endif
+  pixel_cross_entropy(make_tile(v, p0, len, pack), v.C, label, s, out);
 }
 
 // Per-pixel accuracy (argmax == label: 1 or 0) of a tile.
@@ -71,24 +123,28 @@ void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor&
         for (int64_t w0 = 0; w0 < W; w0 += kTile) {
           const int64_t p0 = h * W + w0, len = std::min(kTile, W - w0);
           if (labels.read(p0, len, label, label_f) == 0) continue;
-          const auto ta = make_tile(plane<scalar_t>(za, n), p0, len, pack_a.data());
-          const auto tb = make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data());
           if (score == Score::kCrossEntropy) {
-            pixel_cross_entropy(ta, C, label, sa, score_a);
-            pixel_cross_entropy(tb, C, label, sb, score_b);
+            tile_cross_entropy(plane<scalar_t>(za, n), p0, len, label, pack_a.data(), sa, score_a);
+            tile_cross_entropy(plane<scalar_t>(zb, n), p0, len, label, pack_b.data(), sb, score_b);
           } else {
-            pixel_accuracy(ta, C, label_f, sa, score_a);
-            pixel_accuracy(tb, C, label_f, sb, score_b);
+            pixel_accuracy(make_tile(plane<scalar_t>(za, n), p0, len, pack_a.data()), C, label_f, sa, score_a);
+            pixel_accuracy(make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data()), C, label_f, sb, score_b);
           }
-          // Into the regions of the tile's pixels (w0 + i) / rw, walked without a division per pixel;
-          // ignored pixels add exactly 0 (a select: their scores may be anything).
-          int64_t q = w0 / rw, next = (q + 1) * rw - w0;
-          for (int64_t i = 0; i < len; ++i) {
-            if (i == next) ++q, next += rw;
-            const bool valid = label[i] >= 0;
-            sum_a[q] += valid ? score_a[i] : acc_t(0);
-            sum_b[q] += valid ? score_b[i] : acc_t(0);
-            count[q] += valid;
+          // Into the regions of the tile's pixels, (w0 + i) / rw, a run of consecutive pixels each; ignored pixels
+          // add exactly 0 (a select: their scores may be anything).
+          for (int64_t q = w0 / rw, start = 0; start < len; ++q) {
+            const int64_t stop = std::min(len, (q + 1) * rw - w0);
+            acc_t a = 0, b = 0;
+            int64_t valid = 0;
+#pragma omp simd reduction(+ : a, b, valid)
+            for (int64_t i = start; i < stop; ++i) {
+              const bool counted = label[i] >= 0;
+              a += counted ? score_a[i] : acc_t(0);
+              b += counted ? score_b[i] : acc_t(0);
+              valid += counted;
+            }
+            sum_a[q] += a, sum_b[q] += b, count[q] += valid;
+            start = stop;
           }
         }
       }
