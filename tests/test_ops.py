@@ -1,6 +1,9 @@
 """Fused ops against the float64 reference: values, gradients, edge cases, errors, opcheck, gradcheck, compile."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -148,12 +151,12 @@ def test_region_direction_mask_matches_reference(device, shape, dtype, score, re
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", ("far_apart", "+inf", "-inf", "-inf_at_label", "nan"))
+@pytest.mark.parametrize("case", ("far_apart", "huge", "+inf", "-inf", "-inf_at_label", "nan"))
 def test_region_cross_entropy_of_extreme_logits(device, layout, case):
     # The CPU kernel reads float NCHW logits in place (W a multiple of 16) shifted by the label's logit, and must
     # fall back to the max-shifted path where that could overflow (logits far apart, an infinite one), and
     # propagate NaN; every layout must agree with the reference in float32, the precision the kernel computes in.
-    scale = 1e4 / 6 if case == "far_apart" else 3.0
+    scale = {"far_apart": 1e4 / 6, "huge": 3e7}.get(case, 3.0)  # huge: exponents past float's range
     za, zb, y = make_inputs(11, 2, 5, 6, 32, torch.float32, scale=scale, ignore_frac=0.0)
     where = (0, slice(None), 1, 7)  # one pixel of sample 0, every channel
     label = int(y[0, 1, 7])
@@ -168,7 +171,7 @@ def test_region_cross_entropy_of_extreme_logits(device, layout, case):
     ref = reference.region_direction_mask(za, zb, y, region=(2, 16))
     torch.testing.assert_close(out.scores, ref.scores, equal_nan=True, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out.direction, ref.direction)
-    if case != "far_apart":
+    if case not in ("far_apart", "huge"):
         expected = {"+inf": float("nan"), "-inf": None, "-inf_at_label": float("inf"), "nan": float("nan")}[case]
         got = out.scores[0, 0, 0, 0].item()
         if expected is None:
@@ -177,6 +180,23 @@ def test_region_cross_entropy_of_extreme_logits(device, layout, case):
             assert got != got
         else:
             assert got == expected
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the CPU runs no AVX-512 kernels")
+def test_region_avx2_path_where_avx512_is_the_default(device):
+    # The CPU region kernel follows ATen's choice of vector ISA (ATEN_CPU_CAPABILITY): run the region tests again
+    # in a process where ATen is held to AVX2, so that both the AVX-512 and the AVX2 loops are checked here.
+    if device.type != "cpu":
+        pytest.skip("a CPU kernel")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    check = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert check.stdout.strip() == "AVX2"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "(region_cross_entropy_of_extreme or region_direction_mask_matches) and cpu"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
