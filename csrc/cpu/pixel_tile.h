@@ -193,8 +193,35 @@ struct LabelReader {
 
   static constexpr int64_t kNoBadLabel = std::numeric_limits<int64_t>::min();
 
+  // Labels of pixels p0 .. p0 + len - 1 into label (and label_f as acc_t, unless nullptr); returns how many count.
   template <typename acc_t>
   int64_t read(int64_t p0, int64_t len, int64_t* label, acc_t* label_f) const {
+    const int64_t w0 = p0 % W;
+    int64_t valid = -1;
+    if (sW == 1 && (w0 + len <= W || sH == W)) valid = read_run(data + (p0 / W) * sH + w0, len, label);
+    if (valid < 0) valid = read_each(p0, len, label);  // strided, or an out-of-range label to record
+    for (int64_t i = len; i < kTile; ++i) label[i] = -1;
+    if (label_f) {
+      for (int64_t i = 0; i < kTile; ++i) label_f[i] = static_cast<acc_t>(label[i]);
+    }
+    return valid;
+  }
+
+ private:
+  // A contiguous run, branch-free (vectorised); -1 when it holds an out-of-range label.
+  int64_t read_run(const int64_t* run, int64_t len, int64_t* label) const {
+    int64_t valid = 0, bad_labels = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t v = run[i];
+      const bool ignored = v == ignore_index;
+      bad_labels += !ignored && static_cast<uint64_t>(v) >= static_cast<uint64_t>(C);
+      label[i] = ignored ? -1 : v;
+      valid += !ignored;
+    }
+    return bad_labels ? -1 : valid;
+  }
+
+  int64_t read_each(int64_t p0, int64_t len, int64_t* label) const {
     int64_t valid = 0;
     for (int64_t i = 0, h = p0 / W, w = p0 % W; i < len; ++i) {
       int64_t v = data[h * sH + w * sW];
@@ -204,11 +231,9 @@ struct LabelReader {
         v = ignore_index;
       }
       label[i] = v == ignore_index ? -1 : v;
-      label_f[i] = static_cast<acc_t>(label[i]);
       valid += label[i] >= 0;
       if (++w == W) w = 0, ++h;
     }
-    for (int64_t i = len; i < kTile; ++i) label[i] = -1, label_f[i] = acc_t(-1);
     return valid;
   }
 };

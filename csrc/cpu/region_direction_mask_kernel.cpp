@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../ops/checks.h"
@@ -96,7 +97,20 @@ CCL_TARGET_AVX512 bool cross_entropy_in_place_avx512(const float* origin, int64_
   constexpr int64_t V = 16;
   const char* ahead = reinterpret_cast<const char*>(origin + len);  // the next tile's rows
   alignas(64) float label_logit[kTile];
-  for (int64_t i = 0; i < len; ++i) label_logit[i] = origin[std::max<int64_t>(label[i], 0) * sC + i];  // ignored: 0
+  if ((C - 1) * sC + len > std::numeric_limits<int32_t>::max()) {
+    for (int64_t i = 0; i < len; ++i) label_logit[i] = origin[std::max<int64_t>(label[i], 0) * sC + i];  // ignored: 0
+  } else {  // one gather per 16 pixels of offset label * sC + i (int32: checked above)
+    const __m512i step = _mm512_set1_epi32(static_cast<int32_t>(sC));
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t i = 0; i < len; i += V) {
+      const __m256i lo8 = _mm512_cvtepi64_epi32(_mm512_max_epi64(_mm512_load_si512(label + i), _mm512_setzero_si512()));
+      const __m256i hi8 = _mm512_cvtepi64_epi32(_mm512_max_epi64(_mm512_load_si512(label + i + 8), _mm512_setzero_si512()));
+      const __m512i channel = _mm512_inserti64x4(_mm512_castsi256_si512(lo8), hi8, 1);
+      const __m512i offset = _mm512_add_epi32(_mm512_mullo_epi32(channel, step),
+                                              _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(i))));
+      _mm512_store_ps(label_logit + i, _mm512_i32gather_ps(offset, origin, 4));
+    }
+  }
   const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(128.f), log2e = _mm512_set1_ps(1.44269504088896341f);
   const __m512 shifter = _mm512_set1_ps(12582912.f), overflow = _mm512_set1_ps(0x1p125f);
   for (int64_t i = 0; i < len; i += V) {
@@ -179,7 +193,8 @@ void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor&
       for (int64_t h = r * rh; h < std::min(H, (r + 1) * rh); ++h) {
         for (int64_t w0 = 0; w0 < W; w0 += kTile) {
           const int64_t p0 = h * W + w0, len = std::min(kTile, W - w0);
-          if (labels.read(p0, len, label, label_f) == 0) continue;
+          const bool accuracy = score == Score::kAccuracy;
+          if (labels.read(p0, len, label, accuracy ? label_f : nullptr) == 0) continue;
           if (score == Score::kCrossEntropy) {
             tile_cross_entropy(plane<scalar_t>(za, n), p0, len, label, pack_a.data(), sa, score_a);
             tile_cross_entropy(plane<scalar_t>(zb, n), p0, len, label, pack_b.data(), sb, score_b);
