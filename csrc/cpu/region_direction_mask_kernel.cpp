@@ -202,19 +202,19 @@ void region_scores(const at::Tensor& za, const at::Tensor& zb, const at::Tensor&
             pixel_accuracy(make_tile(plane<scalar_t>(za, n), p0, len, pack_a.data()), C, label_f, sa, score_a);
             pixel_accuracy(make_tile(plane<scalar_t>(zb, n), p0, len, pack_b.data()), C, label_f, sb, score_b);
           }
-          // Into the regions of the tile's pixels, (w0 + i) / rw, a run of consecutive pixels each; ignored pixels
-          // add exactly 0 (a select: their scores may be anything).
+          // Into the regions of the tile's pixels, (w0 + i) / rw, a run of consecutive pixels each. Ignored pixels
+          // add exactly 0 (their scores are replaced, not multiplied: they may be anything).
+          for (int64_t i = 0; i < len; ++i) {
+            if (label[i] < 0) score_a[i] = score_b[i] = acc_t(0);
+          }
           for (int64_t q = w0 / rw, start = 0; start < len; ++q) {
             const int64_t stop = std::min(len, (q + 1) * rw - w0);
             acc_t a = 0, b = 0;
             int64_t valid = 0;
-#pragma omp simd reduction(+ : a, b, valid)
-            for (int64_t i = start; i < stop; ++i) {
-              const bool counted = label[i] >= 0;
-              a += counted ? score_a[i] : acc_t(0);
-              b += counted ? score_b[i] : acc_t(0);
-              valid += counted;
-            }
+#pragma omp simd reduction(+ : a, b)
+            for (int64_t i = start; i < stop; ++i) a += score_a[i], b += score_b[i];
+#pragma omp simd reduction(+ : valid)
+            for (int64_t i = start; i < stop; ++i) valid += label[i] >= 0;
             sum_a[q] += a, sum_b[q] += b, count[q] += valid;
             start = stop;
           }
