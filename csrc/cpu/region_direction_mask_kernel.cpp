@@ -122,11 +122,8 @@ CCL_TARGET_AVX512 bool cross_entropy_in_place_avx512(const float* origin, int64_
       const __m512 x = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(d, log2e)));
       const __m512 n = _mm512_sub_ps(_mm512_add_ps(x, shifter), shifter);  // round(x)
       const __m512 r = _mm512_sub_ps(x, n);
-      __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.32647e-3f), r, _mm512_set1_ps(9.67151e-3f));
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550734e-2f));
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24022242f));
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.693147f));
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+      __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+      for (int k = 1; k < 6; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Poly[k]));
       sum = _mm512_add_ps(sum, _mm512_scalef_ps(p, n));
     }
     if (_mm512_cmp_ps_mask(sum, overflow, _CMP_NLT_UQ)) return false;  // NaN too
