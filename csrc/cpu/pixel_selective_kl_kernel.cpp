@@ -22,9 +22,6 @@
 
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "../ops/checks.h"
 #include "pixel_tile.h"
@@ -220,32 +217,17 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
   });
 }
 
-// The gradients are fresh buffers first touched by this kernel: with glibc's allocator every logits-sized
-// buffer is a fresh mmap, and its 4 KB page faults cost several times the arithmetic (benchmarks/RESULTS_CPU.md).
-// On Linux a buffer of at least one huge page is therefore allocated 2 MB longer, the tensor placed at its first
-// 2 MB boundary and that span hinted as transparent huge pages (what PyTorch's THP_MEM_ALLOC_ENABLE does for
-// every allocation): first touch then takes one fault per 2 MB, with no 4 KB pages at unaligned ends. The
-// untouched slack costs address space, not memory.
-at::Tensor empty_on_huge_pages(const at::Tensor& like) {
-#ifdef __linux__
-  constexpr int64_t kHugePage = int64_t(2) << 20;
-  const int64_t numel = like.numel(), size = like.element_size(), bytes = numel * size;
-  if (bytes >= kHugePage && kHugePage % size == 0) {
-    auto buffer = at::empty({numel + kHugePage / size}, like.options());
-    const auto base = reinterpret_cast<uintptr_t>(buffer.data_ptr());
-    const uintptr_t aligned = (base + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
-    madvise(reinterpret_cast<void*>(aligned), bytes & ~(kHugePage - 1), MADV_HUGEPAGE);  // a hint: errors ignored
-    return buffer.narrow(0, static_cast<int64_t>(aligned - base) / size, numel).view(like.sizes());
-  }
-#endif
-  return at::empty(like.sizes(), like.options());
-}
-
-// The gradient outputs: contiguous NCHW (on huge pages), or empty where mask is false.
+// The gradient outputs: contiguous NCHW, or empty where mask is false. They are fresh buffers first touched by
+// this kernel: with glibc's allocator every logits-sized
+// buffer is a fresh mmap whose pages fault on first touch (benchmarks/RESULTS_CPU.md: on this VM that costs
+// more than the arithmetic). They are plain at::empty buffers: hinting them onto transparent huge pages was
+// faster in a tight loop but 2x slower when calls are spaced out as in training (the VM hands freed 2 MB blocks
+// back to its host, and touching them again faults on the host), so the choice is left to the user's allocator
+// settings (THP_MEM_ALLOC_ENABLE, a caching malloc).
 std::tuple<at::Tensor, at::Tensor> fresh_gradients(const at::Tensor& za, const at::Tensor& zb,
                                                    std::array<bool, 2> mask) {
-  return {mask[0] ? empty_on_huge_pages(za) : at::empty({0}, za.options()),
-          mask[1] ? empty_on_huge_pages(zb) : at::empty({0}, zb.options())};
+  return {mask[0] ? at::empty(za.sizes(), za.options()) : at::empty({0}, za.options()),
+          mask[1] ? at::empty(zb.sizes(), zb.options()) : at::empty({0}, zb.options())};
 }
 
 KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
