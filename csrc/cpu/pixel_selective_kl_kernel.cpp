@@ -22,7 +22,6 @@
 
 #include <vector>
 
-
 #include "../ops/checks.h"
 #include "pixel_tile.h"
 
@@ -217,18 +216,11 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
   });
 }
 
-// The gradient outputs: contiguous NCHW, or empty where mask is false. They are fresh buffers first touched by
-// this kernel: with glibc's allocator every logits-sized
-// buffer is a fresh mmap whose pages fault on first touch (benchmarks/RESULTS_CPU.md: on this VM that costs
-// more than the arithmetic). They are plain at::empty buffers: hinting them onto transparent huge pages was
-// faster in a tight loop but 2x slower when calls are spaced out as in training (the VM hands freed 2 MB blocks
-// back to its host, and touching them again faults on the host), so the choice is left to the user's allocator
-// settings (THP_MEM_ALLOC_ENABLE, a caching malloc).
-std::tuple<at::Tensor, at::Tensor> fresh_gradients(const at::Tensor& za, const at::Tensor& zb,
-                                                   std::array<bool, 2> mask) {
-  return {mask[0] ? at::empty(za.sizes(), za.options()) : at::empty({0}, za.options()),
-          mask[1] ? at::empty(zb.sizes(), zb.options()) : at::empty({0}, zb.options())};
-}
+// The gradients are plain empty_gradients (checks.h), fresh buffers first touched by these kernels: with glibc's
+// allocator every logits-sized buffer is a fresh mmap whose pages fault on first touch (on this VM that costs
+// more than the arithmetic, benchmarks/RESULTS_CPU.md). Hinting them onto transparent huge pages was faster in a
+// tight loop but 2x slower when calls are spaced out as in training (the VM hands freed 2 MB blocks back to its
+// host, and touching them again faults there), so that choice is left to the user's allocator settings.
 
 KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
                                         double temperature, c10::string_view rule_name, c10::string_view normalize_name,
@@ -245,7 +237,7 @@ KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& 
   std::atomic<int64_t> bad{LabelReader::kNoBadLabel};
   const at::ScalarType acc_type = za.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_za, grad_zb;
-  std::tie(grad_za, grad_zb) = fresh_gradients(za, zb, grad_mask);
+  std::tie(grad_za, grad_zb) = empty_gradients(za, zb, grad_mask);
   const bool grads = grad_mask[0] || grad_mask[1];
   // n is known before the pass when every valid pixel counts (a label pass: 1/C of the logits' bytes).
   const bool n_up_front = grads && (normalize == Normalize::kValid || rule == Rule::kAll);
@@ -360,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cpu(const at::Ten
   const double base = temperature / norm.item<double>();
   const double coef_a = base * grad_loss_a.item<double>(), coef_b = base * grad_loss_b.item<double>();
   at::Tensor grad_za, grad_zb;
-  std::tie(grad_za, grad_zb) = fresh_gradients(za, zb, mask);
+  std::tie(grad_za, grad_zb) = empty_gradients(za, zb, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "pixel_selective_kl_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     selective_kl_backward<scalar_t, acc_t>(za, zb, sel, static_cast<acc_t>(temperature), static_cast<acc_t>(coef_a),
