@@ -54,3 +54,25 @@ def test_interleaved_timing_runs_every_call_once_a_round_in_rotating_order():
 def test_kernels_benchmark_rejects_bad_arguments(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
         main(["kernels", "--out", str(tmp_path), *args])
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "default (glibc malloc)"),
+    ({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1000"},
+     "glibc malloc, MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000"),
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}, "tcmalloc (LD_PRELOAD)"),
+])
+def test_the_table_names_the_allocator_and_its_tunables(monkeypatch, env, expected):
+    """A table made with glibc tuned to keep its memory must not read as one made with the default."""
+    import os
+
+    import torch
+
+    from ccl_bench.kernels.bench import allocator_description
+
+    for name in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD", "GLIBC_TUNABLES",
+                                                                      "THP_MEM_ALLOC_ENABLE"]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert allocator_description(torch.device("cpu")) == expected

@@ -284,14 +284,17 @@ def run(device: str = "cpu", shapes: str | None = None, dtypes: str = "float32",
 
 
 def allocator_description(device: torch.device) -> str:
-    """Which allocator serves the tensors: a malloc preloaded through LD_PRELOAD, else the default."""
+    """Which allocator serves the tensors: a malloc preloaded through LD_PRELOAD, else glibc's, with the tunables
+    set in the environment (they change its answer: MALLOC_MMAP_MAX_=0 keeps large buffers mapped, for one)."""
     if device.type == "cuda":
         return "CUDA caching allocator"
     preload = os.environ.get("LD_PRELOAD", "")
     for name in ("tcmalloc", "jemalloc", "mimalloc"):
         if name in preload:
             return f"{name} (LD_PRELOAD)"
-    return "default (glibc malloc)"
+    tunables = sorted(f"{k}={v}" for k, v in os.environ.items()
+                      if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE"))
+    return "glibc malloc, " + " ".join(tunables) if tunables else "default (glibc malloc)"
 
 
 def machine_description(device: torch.device) -> str:

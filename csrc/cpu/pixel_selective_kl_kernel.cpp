@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../ops/checks.h"
+#include "fresh_pages.h"
 #include "pixel_tile.h"
 
 namespace ccl::cpu {
@@ -216,11 +217,19 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
   });
 }
 
-// The gradients are plain empty_gradients (checks.h), fresh buffers first touched by these kernels: with glibc's
-// allocator every logits-sized buffer is a fresh mmap whose pages fault on first touch (on this VM that costs
-// more than the arithmetic, benchmarks/RESULTS_CPU.md). Hinting them onto transparent huge pages was faster in a
-// tight loop but 2x slower when calls are spaced out as in training (the VM hands freed 2 MB blocks back to its
-// host, and touching them again faults there), so that choice is left to the user's allocator settings.
+// The gradients are fresh buffers (empty_gradients, checks.h) first written by these kernels: with glibc's
+// allocator every logits-sized buffer is a fresh mmap whose pages fault on first touch, which on this VM costs
+// more than the arithmetic (benchmarks/RESULTS_CPU.md), so they are mapped in bulk first (fresh_pages.h).
+// Transparent huge pages were faster in a tight loop but 2x slower when calls are spaced out as in training (the
+// VM hands freed 2 MB blocks back to its host, and touching them again faults there), so that choice is left to
+// the user's allocator settings.
+std::tuple<at::Tensor, at::Tensor> gradient_buffers(const at::Tensor& za, const at::Tensor& zb,
+                                                    std::array<bool, 2> mask) {
+  auto grads = empty_gradients(za, zb, mask);
+  populate_for_writing(std::get<0>(grads));
+  populate_for_writing(std::get<1>(grads));
+  return grads;
+}
 
 KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
                                         double temperature, c10::string_view rule_name, c10::string_view normalize_name,
@@ -237,7 +246,7 @@ KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& 
   std::atomic<int64_t> bad{LabelReader::kNoBadLabel};
   const at::ScalarType acc_type = za.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_za, grad_zb;
-  std::tie(grad_za, grad_zb) = empty_gradients(za, zb, grad_mask);
+  std::tie(grad_za, grad_zb) = gradient_buffers(za, zb, grad_mask);
   const bool grads = grad_mask[0] || grad_mask[1];
   // n is known before the pass when every valid pixel counts (a label pass: 1/C of the logits' bytes).
   const bool n_up_front = grads && (normalize == Normalize::kValid || rule == Rule::kAll);
@@ -352,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cpu(const at::Ten
   const double base = temperature / norm.item<double>();
   const double coef_a = base * grad_loss_a.item<double>(), coef_b = base * grad_loss_b.item<double>();
   at::Tensor grad_za, grad_zb;
-  std::tie(grad_za, grad_zb) = empty_gradients(za, zb, mask);
+  std::tie(grad_za, grad_zb) = gradient_buffers(za, zb, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "pixel_selective_kl_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     selective_kl_backward<scalar_t, acc_t>(za, zb, sel, static_cast<acc_t>(temperature), static_cast<acc_t>(coef_a),
