@@ -34,13 +34,14 @@ struct TilePartial {
   int64_t valid = 0, ab = 0, ba = 0, any = 0;
 };
 
-// Where the forward writes the gradients: contiguous NCHW buffers, or nullptr when not asked for, and the
-// factor T / n (T when n is not known yet).
+// Where the forward writes the gradients: contiguous NCHW buffers, or nullptr when not asked for, the factor
+// T / n (T when n is not known yet), and whether to store them non-temporally (store_output, pixel_tile.h).
 template <typename scalar_t, typename acc_t>
 struct GradientOut {
   scalar_t* a = nullptr;
   scalar_t* b = nullptr;
   acc_t coef = 0;
+  bool non_temporal = true;
 };
 
 // Zeros for the first `count` pixels of every channel of a tile's gradient rows (from `row0`, channel stride HW).
@@ -61,7 +62,7 @@ template <typename scalar_t, typename acc_t>
 void kl_gradient_pass(const Tile<acc_t>& ta, const Tile<acc_t>& tb, const SoftmaxStats<acc_t>& sa,
                       const SoftmaxStats<acc_t>& sb, int64_t C, acc_t inv_t, const bool* active,
                       const acc_t* mask_a, const acc_t* mask_b, bool learn_a, bool learn_b, scalar_t* row0_a,
-                      scalar_t* row0_b, int64_t HW, acc_t* kl_ab, acc_t* kl_ba) {
+                      scalar_t* row0_b, int64_t HW, bool non_temporal, acc_t* kl_ab, acc_t* kl_ba) {
   constexpr int64_t V = Vec<acc_t>::size();
   constexpr int P = kGroups;  // vector groups per step (pixel_tile.h)
   const Vec<acc_t> scale(inv_t), zero(0);
@@ -85,8 +86,8 @@ void kl_gradient_pass(const Tile<acc_t>& ta, const Tile<acc_t>& tb, const Softma
       for (int g = 0; g < P; ++g) {
         const int64_t i = i0 + g * V;
         if (!on[g]) {
-          if (row_a && count[g]) store_stream(row_a + g * V, zero, count[g]);
-          if (row_b && count[g]) store_stream(row_b + g * V, zero, count[g]);
+          if (row_a && count[g]) store_output(row_a + g * V, zero, count[g], non_temporal);
+          if (row_b && count[g]) store_output(row_b + g * V, zero, count[g], non_temporal);
           continue;
         }
         const auto pa = Vec<acc_t>::loadu(sa.exps.data() + c * kTile + i) * ra[g];
@@ -96,8 +97,8 @@ void kl_gradient_pass(const Tile<acc_t>& ta, const Tile<acc_t>& tb, const Softma
         if (learn_b) ab[g] = at::vec::fmadd(pa, diff, ab[g]);
         if (learn_a) ba[g] = at::vec::fnmadd(pb, diff, ba[g]);
         // Select, do not multiply, so that a pixel where the student does not learn gets exactly 0.
-        if (row_a) store_stream(row_a + g * V, Vec<acc_t>::blendv(wa[g] * (pa - pb), zero, wa[g] == zero), count[g]);
-        if (row_b) store_stream(row_b + g * V, Vec<acc_t>::blendv(wb[g] * (pb - pa), zero, wb[g] == zero), count[g]);
+        if (row_a) store_output(row_a + g * V, Vec<acc_t>::blendv(wa[g] * (pa - pb), zero, wa[g] == zero), count[g], non_temporal);
+        if (row_b) store_output(row_b + g * V, Vec<acc_t>::blendv(wb[g] * (pb - pa), zero, wb[g] == zero), count[g], non_temporal);
       }
     }
     for (int g = 0; g < P; ++g) {
@@ -191,7 +192,8 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
         sum_exp(tb, C, inv_t, false, active, sb);
       }
       kl_gradient_pass(ta, tb, sa, sb, C, inv_t, active, mask_a, mask_b, learn_a, learn_b,
-                       grad.a ? grad.a + out0 : nullptr, grad.b ? grad.b + out0 : nullptr, HW, kl_ab, kl_ba);
+                       grad.a ? grad.a + out0 : nullptr, grad.b ? grad.b + out0 : nullptr, HW, grad.non_temporal,
+                       kl_ab, kl_ba);
       // KL = sum_c p_a (d_a - d_b) + log(S_b / S_a) at the selected pixels (one logarithm per group that has one). A NaN logit at any valid
       // pixel (selected or not) must reach both losses, never vanish: the max carries it (an infinite max gives
       // NaN too, as softmax does). Ignored pixels add exactly 0.
@@ -220,29 +222,38 @@ void selective_kl_forward(const at::Tensor& za, const at::Tensor& zb, const at::
 // A gradient buffer of z's shape (contiguous), or an empty tensor when not asked for. They are fresh buffers first
 // written by these kernels: with glibc's allocator every logits-sized buffer is a fresh mmap whose pages fault on
 // first touch, which on this VM costs more than the arithmetic (benchmarks/RESULTS_CPU.md), so they are mapped
-// in bulk first (fresh_pages.h). Transparent huge pages were faster in a tight loop but 2x slower when calls are
-// spaced out as in training (the VM hands freed 2 MB blocks back to its host, and touching them again faults
-// there), so that choice is left to the user's allocator settings.
+// in bulk first (fresh_pages.h), and `fresh` says so: the forward then writes them with ordinary stores, since
+// the zeroed lines are in the caches, and non-temporally otherwise (store_output, pixel_tile.h). Transparent
+// huge pages were faster in a tight loop but 2x slower when calls are spaced out as in training (the VM hands
+// freed 2 MB blocks back to its host, and touching them again faults there), so that choice is left to the
+// user's allocator settings.
 //
 // A buffer that starts on a page boundary (tcmalloc hands those out) starts one 64-byte line later instead.
 // Page-aligned, every gradient row of a tile sits at the same offset within a page as rows of the tile's
 // page-aligned scratch, and the gradient pass ran at half speed: most likely its loads waiting on the stores
 // before them (4K aliasing; moving the scratch instead recovered part of it). Measured with tcmalloc,
 // forward+backward at (2, 19, 512, 512): 58 ms page-aligned, 29 ms a line on.
-at::Tensor gradient_buffer(const at::Tensor& z, bool wanted) {
+struct GradientBuffers {
+  at::Tensor a, b;
+  bool fresh = false;  // pages just mapped (and zeroed) here: their lines are in the caches
+};
+
+at::Tensor gradient_buffer(const at::Tensor& z, bool wanted, bool& fresh) {
   if (!wanted) return at::empty({0}, z.options());
   constexpr uintptr_t kPage = 4096;
   const int64_t line = 64 / static_cast<int64_t>(z.element_size());
   const auto storage = at::empty({z.numel() + line}, z.options());
   const bool page_aligned = reinterpret_cast<uintptr_t>(storage.data_ptr()) % kPage == 0;
   auto grad = storage.narrow(0, page_aligned ? line : 0, z.numel()).view(z.sizes());
-  populate_for_writing(grad);
+  fresh = populate_for_writing(grad) || fresh;
   return grad;
 }
 
-std::tuple<at::Tensor, at::Tensor> gradient_buffers(const at::Tensor& za, const at::Tensor& zb,
-                                                    std::array<bool, 2> mask) {
-  return {gradient_buffer(za, mask[0]), gradient_buffer(zb, mask[1])};
+GradientBuffers gradient_buffers(const at::Tensor& za, const at::Tensor& zb, std::array<bool, 2> mask) {
+  GradientBuffers out;
+  out.a = gradient_buffer(za, mask[0], out.fresh);
+  out.b = gradient_buffer(zb, mask[1], out.fresh);
+  return out;
 }
 
 KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& y,
@@ -259,8 +270,8 @@ KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& 
   std::vector<TilePartial> parts(N * tiles_per_plane(H * W));
   std::atomic<int64_t> bad{LabelReader::kNoBadLabel};
   const at::ScalarType acc_type = za.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad_za, grad_zb;
-  std::tie(grad_za, grad_zb) = gradient_buffers(za, zb, grad_mask);
+  const auto buffers = gradient_buffers(za, zb, grad_mask);
+  const at::Tensor &grad_za = buffers.a, &grad_zb = buffers.b;
   const bool grads = grad_mask[0] || grad_mask[1];
   // n is known before the pass when every valid pixel counts (a label pass: 1/C of the logits' bytes).
   const bool n_up_front = grads && (normalize == Normalize::kValid || rule == Rule::kAll);
@@ -270,7 +281,7 @@ KlForwardOutputs pixel_selective_kl_cpu(const at::Tensor& za, const at::Tensor& 
     using acc_t = at::opmath_type<scalar_t>;
     GradientOut<scalar_t, acc_t> out{grad_mask[0] ? grad_za.data_ptr<scalar_t>() : nullptr,
                                      grad_mask[1] ? grad_zb.data_ptr<scalar_t>() : nullptr,
-                                     static_cast<acc_t>(temperature / n_before)};
+                                     static_cast<acc_t>(temperature / n_before), !buffers.fresh};
     selective_kl_forward<scalar_t, acc_t>(za, zb, y, static_cast<acc_t>(temperature), rule, learners, ignore_index,
                                           out, selection, parts, bad);
   });
@@ -374,8 +385,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cpu(const at::Ten
   // dloss/dz = T^2 / n * (p - q) / T * g.  Scalars are read on the host here: a CPU kernel has nothing to sync.
   const double base = temperature / norm.item<double>();
   const double coef_a = base * grad_loss_a.item<double>(), coef_b = base * grad_loss_b.item<double>();
-  at::Tensor grad_za, grad_zb;
-  std::tie(grad_za, grad_zb) = gradient_buffers(za, zb, mask);
+  const auto buffers = gradient_buffers(za, zb, mask);  // written with ordinary stores, fresh or not
+  const at::Tensor &grad_za = buffers.a, &grad_zb = buffers.b;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "pixel_selective_kl_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     selective_kl_backward<scalar_t, acc_t>(za, zb, sel, static_cast<acc_t>(temperature), static_cast<acc_t>(coef_a),
