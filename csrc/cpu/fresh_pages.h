@@ -11,14 +11,15 @@
 // only partly mapped just faults as before. Contents are never changed, so this is only ever a speed hint: where
 // the call is not supported (other kernels, other systems) the pages fault on first touch as they always did.
 //
-// Returns whether it mapped anything: the kernel has just zeroed those pages through the caches, so the caller's
-// stores find their lines there (see store_output in pixel_tile.h).
+// Returns whether it mapped anything: the kernel has just zeroed those pages through the caches, where the caller's
+// stores may still find their lines (see store_output in pixel_tile.h).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #ifdef __linux__
