@@ -116,6 +116,44 @@ def test_retained_graph_gives_the_same_gradients_twice(device):
         torch.testing.assert_close(got[1].double(), rgb, rtol=1e-5, atol=1e-6)
 
 
+def test_gradients_in_freshly_mapped_memory(device):
+    # Logits over 32 MB: glibc maps each gradient afresh, the CPU kernel maps its pages in bulk and then writes
+    # them with ordinary stores instead of non-temporal ones (csrc/cpu/fresh_pages.h, store_output). Twice, so
+    # that a second call's buffers are checked too.
+    za, zb, y = make_inputs(10, 1, 19, 512, 1024, torch.float32, device=device)
+    for _ in range(2):
+        assert_kl_matches_reference(za, zb, y)
+
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+@pytest.mark.skipif(not os.path.exists(TCMALLOC), reason="tcmalloc is not installed (Debian libtcmalloc-minimal4)")
+def test_gradients_where_the_allocator_hands_out_page_aligned_buffers(device):
+    # tcmalloc's large buffers start on a page boundary; the CPU kernel then starts each gradient one 64-byte line
+    # into its buffer (4K aliasing, csrc/cpu/pixel_selective_kl_kernel.cpp). Values and that offset, under tcmalloc.
+    if device.type != "cpu":
+        pytest.skip("a CPU kernel")
+    script = """
+import torch, ccl_ops
+from ccl_ops import reference
+from ccl_ops.testing import make_inputs
+za, zb, y = make_inputs(11, 2, 19, 128, 256, torch.float32)
+grads = []
+for fn, dtype in ((ccl_ops.pixel_selective_kl, torch.float32), (reference.pixel_selective_kl, torch.float64)):
+    a, b = za.to(dtype).requires_grad_(), zb.to(dtype).requires_grad_()
+    out = fn(a, b, y)
+    grads.append(torch.autograd.grad(out.loss_a + out.loss_b, (a, b)))
+for got, want in zip(*grads):
+    assert got.data_ptr() % 4096 == 64, hex(got.data_ptr())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+print("checked")
+"""
+    run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LD_PRELOAD": TCMALLOC},
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "checked" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 def test_one_loss_used_leaves_the_other_student_without_gradient(device):
     za, zb, y = make_inputs(9, 2, 5, 8, 9, torch.float32, device=device)
     a, b = za.clone().requires_grad_(), zb.clone().requires_grad_()
