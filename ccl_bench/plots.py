@@ -8,11 +8,19 @@ import os
 import numpy as np
 import pandas as pd
 
-from .student_names import RESULT_KEYS
+from .student_names import ENSEMBLE, RESULT_KEYS, STUDENTS, student_label
 
 SHARES = (("pixel_ab", "pixels A→B"), ("pixel_ba", "pixels B→A"), ("region_ab", "regions A→B"),
           ("region_ba", "regions B→A"))
-CURVES = tuple(zip(RESULT_KEYS, ("CNN (A)", "ViT (B)", "ensemble")))  # mIoU curve per student and ensemble
+
+
+def _names(runs: pd.DataFrame) -> dict[str, str]:
+    """Each slot's label (``A deeplabv3plus_resnet10t``) where every run agrees on its model, else the letter."""
+    names = {}
+    for slot in STUDENTS:
+        models = set(runs.get(f"model_{slot}", pd.Series(dtype=object)).dropna())
+        names[slot] = student_label(slot, models.pop() if len(models) == 1 else None)
+    return {**names, ENSEMBLE: "ensemble"}
 
 
 def _legend(ax, **kwargs) -> None:
@@ -65,13 +73,17 @@ def _history(run_dir: str) -> pd.DataFrame | None:
 def plot_miou_curves(runs: pd.DataFrame, path: str) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    names = _names(runs)
     for method, group in runs.groupby("method", sort=False):
         frames = [_history(d) for d in group["run_dir"]]
-        for ax, (key, title) in zip(axes, CURVES):
+        for ax, key in zip(axes, RESULT_KEYS):
             curve = _mean_by_step(frames, f"miou_{key}")
             if curve is not None:
-                ax.plot(curve.index, 100 * curve.values, marker="o", label=method)
-                ax.set_title(f"{title} mIoU (mean over seeds)")
+                line, = ax.plot(curve.index, 100 * curve.values, marker="o", label=f"{method} (val)")
+                ax.set_title(f"{names[key]} mIoU (mean over seeds)")
+                train = _mean_by_step(frames, f"train_miou_{key}")
+                if train is not None:  # the fixed training subset: the gap to val is the overfitting
+                    ax.plot(train.index, 100 * train.values, "--", color=line.get_color(), label=f"{method} (train)")
     axes[0].set_ylabel("mIoU (%)")
     return _finish(fig, axes, path)
 
@@ -79,15 +91,16 @@ def plot_miou_curves(runs: pd.DataFrame, path: str) -> str:
 def plot_loss_curves(runs: pd.DataFrame, path: str) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names = _names(runs)
     for method, group in runs.groupby("method", sort=False):
         frames = [_read_csv(os.path.join(d, "steps.csv")) for d in group["run_dir"]]
         total = _mean_by_step(frames, "loss")
         if total is not None:
             axes[0].plot(total.index, total.values, label=method)
         ce = [_mean_by_step(frames, c) for c in ("ce_a", "ce_b")]
-        for series, style, who in zip(ce, ("-", "--"), ("A", "B")):
+        for series, style, who in zip(ce, ("-", "--"), STUDENTS):
             if series is not None:
-                axes[1].plot(series.index, series.values, style, label=f"{method} CE {who}")
+                axes[1].plot(series.index, series.values, style, label=f"{method} CE {names[who]}")
     axes[0].set_title("total loss")
     axes[1].set_title("cross-entropy of each student")
     return _finish(fig, axes, path)
@@ -114,31 +127,37 @@ def plot_shares(runs: pd.DataFrame, path: str) -> str | None:
 
 
 def _direction_rgb(direction: np.ndarray) -> np.ndarray:
-    """+1 (A, the CNN, teaches) red, -1 (B, the ViT, teaches) blue, 0 white."""
+    """+1 (A teaches) red, -1 (B teaches) blue, 0 white."""
     rgb = np.ones(direction.shape + (3,), np.float32)
     rgb[direction > 0] = (0.85, 0.2, 0.15)
     rgb[direction < 0] = (0.15, 0.35, 0.85)
     return rgb
 
 
-def plot_overlays(run_dir: str, path: str, title: str | None = None) -> str | None:
-    """Image, labels, both predictions, who teaches each pixel and each region (red: CNN→ViT, blue: ViT→CNN)."""
+def plot_overlays(run_dir: str, path: str, title: str | None = None,
+                  names: dict[str, str] | None = None) -> str | None:
+    """Image, labels, both predictions, who teaches each pixel and each region (red: A→B, blue: B→A)."""
     source = os.path.join(run_dir, "overlays.npz")
     if not os.path.isfile(source):
         return None
     plt = _pyplot()
+    names = names or {slot: student_label(slot, None) for slot in STUDENTS}
     data = np.load(source)
     images, labels = data["images"], data["labels"]
     rh, rw = (int(v) for v in data["region"])
     ignore = int(data["ignore_index"])
     count = len(images)
-    cols = ("image", "label", "CNN prediction", "ViT prediction", f"pixels ({data['rule']} rule)",
-            f"regions {rh}x{rw}")
+    grid = tuple(int(v) for v in data["region_grid"]) if "region_grid" in data.files else ()
+    score = f", {data['score']}" if "score" in data.files else ""
+    cols = ("image", "label", f"{names['cnn']} prediction", f"{names['vit']} prediction",
+            f"pixels ({data['rule']} rule)", f"regions {rh}x{rw}{score}" + (f" on {grid[0]}x{grid[1]}" if grid else ""))
     fig, axes = plt.subplots(count, len(cols), figsize=(2.2 * len(cols), 2.2 * count), squeeze=False)
     vmax = max(int(labels[labels != ignore].max(initial=0)), int(data["pred_cnn"].max()), int(data["pred_vit"].max()))
     for i in range(count):
         h, w = labels[i].shape
-        region = np.kron(data["region_direction"][i], np.ones((rh, rw), np.int8))[:h, :w]
+        region = data["region_direction"][i]
+        if region.shape != (h, w):  # one value per region (no training grid recorded)
+            region = np.kron(region, np.ones((rh, rw), np.int8))[:h, :w]
         label = np.ma.masked_equal(labels[i], ignore)
         panels = (images[i], label, data["pred_cnn"][i], data["pred_vit"][i],
                   _direction_rgb(data["pixel_direction"][i]), _direction_rgb(region))
@@ -155,7 +174,7 @@ def plot_overlays(run_dir: str, path: str, title: str | None = None) -> str | No
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(cols[j], fontsize=8)
-    fig.suptitle(title or f"{os.path.basename(run_dir)}: red = CNN teaches ViT, blue = ViT teaches CNN", fontsize=9)
+    fig.suptitle(title or f"{os.path.basename(run_dir)}: red = A teaches B, blue = B teaches A", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -170,11 +189,13 @@ def plot_all(runs: pd.DataFrame, out: str) -> dict[str, str]:
     shares = plot_shares(runs, os.path.join(out, "teaching_shares.png"))
     if shares:
         written["teaching_shares"] = shares
+    names = _names(runs)
     for method, group in runs.groupby("method", sort=False):
         first = group.sort_values("seed").iloc[0]
         safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in method)
         path = plot_overlays(first["run_dir"], os.path.join(out, f"overlays_{safe}.png"),
-                             f"{method} (seed {first['seed']}): red = CNN teaches ViT, blue = ViT teaches CNN")
+                             f"{method} (seed {first['seed']}): red = {names['cnn']} teaches {names['vit']}, "
+                             f"blue = the reverse", names)
         if path:
             written[f"overlays_{method}"] = path
     return written

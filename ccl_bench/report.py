@@ -14,9 +14,10 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from .student_names import RESULT_KEYS
+from .student_names import RESULT_KEYS, SLOT_LETTERS, STUDENTS
 
-STUDENT_COLUMNS = tuple(zip(RESULT_KEYS, ("CNN", "ViT", "Ens.")))
+# each student is named by its slot's letter in the columns and by its model in the table's notes
+STUDENT_COLUMNS = tuple(zip(RESULT_KEYS, (*SLOT_LETTERS.values(), "Ens.")))
 ADAPTED = "kdcl"  # methods adapted from classification: marked in every table
 ADAPTED_NOTE = "† KDCL is a classification method; per-pixel KDCL is our adaptation (METHOD.md §6)."
 
@@ -72,13 +73,22 @@ def _row(run: str, m: dict) -> dict:
            "complete": _field(path, "complete", m.get("complete", True), isinstance(m.get("complete", True), bool),
                               "true or false"),
            "run_dir": run}
-    miou = _field(path, "miou", m["miou"], isinstance(m["miou"], dict), "an object {cnn, vit, ensemble}")
-    for key, _ in STUDENT_COLUMNS:
-        value = miou.get(key)
-        fraction = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            math.isnan(value) or 0 <= value <= 1)
-        row[f"miou_{key}"] = math.nan if value is None else float(
-            _field(path, f"miou.{key}", value, fraction, "a fraction in [0, 1] (not %) or null"))
+    for field in ("miou", "train_miou"):
+        if field == "train_miou" and field not in m:
+            continue
+        values = _field(path, field, m[field], isinstance(m[field], dict), "an object {cnn, vit, ensemble}")
+        for key, _ in STUDENT_COLUMNS:
+            value = values.get(key)
+            fraction = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                math.isnan(value) or 0 <= value <= 1)
+            row[f"{field}_{key}"] = math.nan if value is None else float(
+                _field(path, f"{field}.{key}", value, fraction, "a fraction in [0, 1] (not %) or null"))
+    students = m.get("students") if isinstance(m.get("students"), dict) else {}
+    for slot in STUDENTS:
+        row[f"model_{slot}"] = students.get(slot)
+    ramp = m.get("distill_ramp", 0.0)
+    row["distill_ramp"] = float(_field(path, "distill_ramp", ramp, isinstance(ramp, (int, float)) and not
+                                       isinstance(ramp, bool), "a number"))
     return row
 
 
@@ -93,11 +103,40 @@ def load_runs(paths: Iterable[str], complete_only: bool = False) -> pd.DataFrame
                              f"{key[1]}; expected one run per method and seed (report the folders separately)")
         seen[key] = run
         rows.append(row)
-    columns = ["method", "seed", "step", "complete"] + [f"miou_{k}" for k, _ in STUDENT_COLUMNS] + ["run_dir"]
+    columns = (["method", "seed", "step", "complete"] + [f"{f}_{k}" for f in ("miou", "train_miou")
+                                                        for k, _ in STUDENT_COLUMNS]
+               + [f"model_{slot}" for slot in STUDENTS] + ["distill_ramp", "run_dir"])
     df = pd.DataFrame(rows, columns=columns)
     if complete_only:
         df = df[df["complete"]]
+    for slot in STUDENTS:  # one table compares one pair of students
+        models = df[f"model_{slot}"].dropna().unique()
+        if len(models) > 1:
+            raise ValueError(f"report: the runs put different students in slot {SLOT_LETTERS[slot]} "
+                             f"({', '.join(sorted(models))}); expected one pair per table (report them separately)")
     return df
+
+
+def student_note(df: pd.DataFrame) -> str:
+    """``A = <model>, B = <model>`` for the table's notes."""
+    parts = []
+    for slot in STUDENTS:
+        models = df[f"model_{slot}"].dropna().unique() if f"model_{slot}" in df else []
+        parts.append(f"{SLOT_LETTERS[slot]} = {models[0] if len(models) else 'unknown'}")
+    return "Students: " + ", ".join(parts) + "; Ens. = the mean of their probabilities."
+
+
+def paired_t(differences: pd.Series, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two ends of the paired-t interval of per-seed differences: mean ± t(0.5 + level/2, n-1) ·
+    sd / sqrt(n) (NaN ends with fewer than two pairs)."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = differences.mean() if n else math.nan
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * differences.std(ddof=1) / n ** 0.5
+    return mean, mean - half, mean + half
 
 
 def _check_csv(path: str) -> None:
@@ -158,16 +197,21 @@ def summarize(df: pd.DataFrame, baseline: str = "independent", order: Sequence[s
     for method in _order(df["method"], baseline, order):
         runs = df[df["method"] == method].set_index("seed").sort_index()
         row = {"method": method, "seeds": len(runs), "seed_list": ",".join(map(str, runs.index))}
+        ramps = sorted(runs["distill_ramp"].unique()) if "distill_ramp" in runs else []
+        row["distill_ramp"] = ",".join(f"{r:g}" for r in ramps)
         for key, _ in STUDENT_COLUMNS:
             col = runs[f"miou_{key}"]
             row[f"{key}_mean"] = col.mean()
             row[f"{key}_std"] = col.std(ddof=1) if len(col) > 1 else math.nan
+            train = runs.get(f"train_miou_{key}", pd.Series(dtype=float)).dropna()
+            row[f"{key}_train_mean"] = train.mean() if len(train) else math.nan
             if len(base) and method != baseline:
                 row[f"{key}_delta"] = col.mean() - base[f"miou_{key}"].mean()
                 common = runs.index.intersection(base.index)
                 paired = col.loc[common] - base.loc[common, f"miou_{key}"]
                 row[f"{key}_paired_mean"] = paired.mean() if len(paired) else math.nan
                 row[f"{key}_paired_std"] = paired.std(ddof=1) if len(paired) > 1 else math.nan
+                _, row[f"{key}_ci_low"], row[f"{key}_ci_high"] = paired_t(paired)
                 row[f"{key}_pairs"] = len(paired)
         out.append(row)
     return pd.DataFrame(out)
@@ -199,16 +243,37 @@ def display_table(summary: pd.DataFrame, baseline: str = "independent") -> pd.Da
             row[f"Δ{title}"] = _signed(r.get(f"{key}_delta", math.nan))
         for key, title in STUDENT_COLUMNS:
             row[f"paired Δ{title}"] = _signed(r.get(f"{key}_paired_mean", math.nan), r.get(f"{key}_paired_std", math.nan))
+        for key, title in STUDENT_COLUMNS:
+            row[f"95% CI Δ{title}"] = _interval(r.get(f"{key}_ci_low", math.nan), r.get(f"{key}_ci_high", math.nan))
+        if summary.filter(like="_train_mean").notna().any().any():
+            for key, title in STUDENT_COLUMNS:
+                row[f"{title} train mIoU"] = _pm(r.get(f"{key}_train_mean", math.nan), math.nan)
+        if summary.get("distill_ramp", pd.Series(dtype=str)).str.strip("0,").any():
+            row["ramp"] = r["distill_ramp"]
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def to_markdown(table: pd.DataFrame, baseline: str = "independent") -> str:
+def _interval(low: float, high: float) -> str:
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return "–"
+    mark = " *" if low > 0 or high < 0 else ""  # the interval excludes 0: larger than seed noise
+    return f"[{100 * low:+.2f}, {100 * high:+.2f}]{mark}"
+
+
+def to_markdown(table: pd.DataFrame, baseline: str = "independent", students: str = "") -> str:
     headers = list(table.columns)
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    notes = [f"mIoU in % (mean ± std over seeds); Δ: difference of the means to `{baseline}`; paired Δ: "
-             "per-seed differences to it (mean ± std)."]
+    notes = [f"mIoU in % (mean ± std over seeds), on the validation set; Δ: difference of the means to "
+             f"`{baseline}`; paired Δ: per-seed differences to it (mean ± std); 95% CI: paired t interval over the "
+             "seeds both have (* where it excludes 0: larger than seed noise)."
+             + (" train mIoU: on the fixed training subset (mean over seeds)." if any("train" in h for h in headers)
+                else "")
+             + (" ramp: the distillation ramp-up of METHOD.md §8 (fraction of the steps; 0: none)."
+                if "ramp" in headers else "")]
+    if students:
+        notes.append(students)
     if table["Method"].str.contains("†").any():
         notes.append(ADAPTED_NOTE)
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
@@ -245,7 +310,7 @@ def write_report(paths: Sequence[str], out: str, baseline: str = "independent", 
     written = {"markdown": os.path.join(out, "table.md"), "csv": os.path.join(out, "table.csv"),
                "latex": os.path.join(out, "table.tex"), "runs": os.path.join(out, "runs.csv")}
     with open(written["markdown"], "w") as f:
-        f.write(to_markdown(table, baseline))
+        f.write(to_markdown(table, baseline, student_note(df)))
     with open(written["latex"], "w") as f:
         f.write(to_latex(table, baseline))
     summary.to_csv(written["csv"], index=False)

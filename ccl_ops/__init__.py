@@ -7,7 +7,7 @@ Their option values and result types are in :mod:`ccl_ops.types`; :mod:`ccl_ops.
 label grid, which the ops expect.
 """
 from . import reference
-from .losses import PixelBSDLoss, RegionBSDLoss, RegionBSDOutput
+from .losses import PixelBSDLoss, RegionBSDLoss, RegionBSDOutput, direction_on_grid
 from .ops import KERNEL_DEVICES, backend, pixel_selective_kl, region_direction_mask
 from .resize import resize_bilinear, to_label_size
 from .types import LEARNERS, NORMALIZATIONS, RULES, SCORES, RegionMask, SelectiveKL
@@ -24,6 +24,7 @@ __all__ = [
     "SCORES",
     "SelectiveKL",
     "backend",
+    "direction_on_grid",
     "pixel_selective_kl",
     "reference",
     "region_direction_mask",

@@ -61,6 +61,19 @@ def check_region(region) -> tuple[int, int]:
     return pair
 
 
+def check_region_grid(region: tuple[int, int], label_size: tuple[int, int], grid: tuple[int, int]) -> None:
+    """METHOD.md §3: regions of ``region`` pixels on a ``label_size`` label grid must not be finer than the
+    common feature ``grid`` (``rh >= H/h`` and ``rw >= W/w``), else the nearest-neighbour resize of the direction
+    mask drops regions' decisions."""
+    (rh, rw), (H, W), (h, w) = region, label_size, grid
+    if rh * h < H or rw * w < W:
+        raise ValueError(
+            f"region={list(region)}: regions of {rh}x{rw} px on the {H}x{W} label grid form a "
+            f"{-(-H // rh)}x{-(-W // rw)} region grid, finer than the {h}x{w} feature grid of region-wise BSD, so "
+            f"resizing the mask would drop decisions; expected regions of at least {-(-H // h)}x{-(-W // w)} px "
+            "(METHOD.md §3)")
+
+
 def check_label_values(y: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise if a label is neither in [0, C) nor ignore_index (a data-dependent check: eager mode only)."""
     bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))

@@ -68,7 +68,7 @@ def test_compare_then_report_and_export(tmp_path, capsys):
             *TINY]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "| independent | 2 |" in table and "| ccl:pbsd=false | 2 |" in table and "paired ΔCNN" in table
+    assert "| independent | 2 |" in table and "| ccl:pbsd=false | 2 |" in table and "paired ΔA" in table and "95% CI ΔB" in table
     for name in ("table.md", "table.csv", "table.tex", "runs.csv", "plots/miou_curves.png",
                  "plots/loss_curves.png", "plots/teaching_shares.png"):
         assert os.path.isfile(os.path.join(out, name)), name

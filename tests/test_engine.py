@@ -54,8 +54,9 @@ def _stop_after(monkeypatch, step):
 def test_resume_continues_to_exactly_the_same_result(tmp_path, monkeypatch, method):
     # 6 steps at 4 (ccl) or 3 (kdcl-general: holdout) steps per epoch: the resume point sits mid-epoch and
     # the run crosses an epoch boundary after it
+    holdout = "data.holdout=0.25" if method == "kdcl-general" else "data.holdout=0"
     config = tiny(method, "train.deterministic=true", "train.iters=6", "train.eval_interval=6",
-                  "train.checkpoint_interval=6")
+                  "train.checkpoint_interval=6", holdout)
     straight = run_training(config, str(tmp_path / "straight"))
     with monkeypatch.context() as m:
         _stop_after(m, 3)

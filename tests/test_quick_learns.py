@@ -22,3 +22,17 @@ def test_quick_preset_independent_training_leaves_the_all_background_solution(tm
     assert metrics["miou"]["vit"] > FLOOR + 0.10, metrics["miou"]
     digit_iou = {k: sum(v[1:]) / 10 for k, v in metrics["iou"].items()}
     assert min(digit_iou["cnn"], digit_iou["vit"]) > 0.05, digit_iou
+
+
+@pytest.mark.slow
+def test_small_data_pipeline_learns_and_reports_train_miou(tmp_path):
+    # The positive-control regime's pipeline (280 images, 28 held out, the training-subset evaluation) on a
+    # reduced budget: both students clearly off the floor on validation and on the fixed training subset.
+    config = load_config("small-data", None, ["train.progress=false", "train.overlays=0", "data.val_limit=100",
+                                              "data.train_eval_images=64"],
+                         method="independent", **{"train.iters": 150, "train.eval_interval": 150})
+    metrics = run_training(config, str(tmp_path / "run"), quiet=True)
+    assert metrics["complete"] and metrics["train_images"] == 252 and metrics["holdout_images"] == 28
+    for split in ("miou", "train_miou"):
+        assert metrics[split]["cnn"] > FLOOR + 0.15, metrics[split]
+        assert metrics[split]["vit"] > FLOOR + 0.10, metrics[split]

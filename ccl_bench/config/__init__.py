@@ -45,12 +45,12 @@ CHOICES = {
 }
 POSITIVE = {"train.iters", "train.eval_interval", "train.checkpoint_interval", "train.log_interval",
             "data.batch_size", "data.eval_batch_size", "optim.cnn.lr", "optim.vit.lr", "data.val_limit"}
-NON_NEGATIVE = {"data.num_workers", "train.cpu_threads", "optim.grad_clip", "train.overlays", "optim.cnn.warmup_iters",
+NON_NEGATIVE = {"data.num_workers", "data.train_eval_images", "optim.cnn.method_lr_scale", "optim.vit.method_lr_scale", "train.cpu_threads", "optim.grad_clip", "train.overlays", "optim.cnn.warmup_iters",
                 "optim.vit.warmup_iters", "optim.cnn.weight_decay", "optim.vit.weight_decay",
                 "optim.cnn.min_lr", "optim.vit.min_lr", "optim.cnn.power", "optim.vit.power", "seed",
                 "optim.cnn.momentum", "optim.vit.momentum"}
 # [low, high] (closed) or [low, high) for each element of a list
-INTERVALS = {"optim.cnn.warmup_ratio": (0, 1, "]"), "optim.vit.warmup_ratio": (0, 1, "]"),
+INTERVALS = {"data.holdout": (0, 1, ")"), "train.distill_ramp": (0, 1, "]"), "optim.cnn.warmup_ratio": (0, 1, "]"), "optim.vit.warmup_ratio": (0, 1, "]"),
              "optim.cnn.betas": (0, 1, ")"), "optim.vit.betas": (0, 1, ")")}
 # integers end up in C ints (thread counts) and int64 seeds (seed * 1000 + k)
 INT_LIMIT = 2**31
@@ -104,11 +104,18 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml") and p.name != "defaults.yaml")
 
 
-def load_preset(name: str) -> dict:
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A preset's tree; ``inherit: OTHER`` at its top puts it over preset OTHER (deep merge)."""
     names = preset_names()
     if name not in names:
         raise ConfigError(f"preset={name!r} is unknown; expected one of {names}")
-    return _read_yaml(_package_file(f"{name}.yaml").read_text(), f"preset {name!r}")
+    tree = _read_yaml(_package_file(f"{name}.yaml").read_text(), f"preset {name!r}")
+    base = tree.pop("inherit", None)
+    if base is None:
+        return tree
+    if base in _seen + (name,):
+        raise ConfigError(f"preset {name!r}: inherit={base!r} makes a cycle ({' -> '.join(_seen + (name, base))})")
+    return merge(load_preset(base, _seen + (name,)), tree)
 
 
 def load_file(path: str | os.PathLike) -> dict:
@@ -313,7 +320,7 @@ def _check_methods(config: dict) -> None:
         raise ConfigError(f"method={config['method']!r} is unknown; expected one of {names}")
     for name, options in config["methods"].items():
         if name not in names:
-            raise ConfigError(f"methods.{name}: unknown method; expected one of {names}")
+            raise ConfigError(f"methods.{name}={options!r}: unknown method {name!r}; expected one of {names}")
         if not isinstance(options, dict):
             raise ConfigError(f"methods.{name}={options!r}; expected a mapping of that method's options")
         try:
@@ -333,8 +340,16 @@ def validate(config: dict) -> dict:
     _check_data(config["data"])
     _check_students(config["students"])
     _check_methods(config)
+    from ..methods import method_class
+    from ..methods.base import HOLDOUT_NEEDED
+
+    if method_class(config["method"]).needs_holdout and not config["data"]["holdout"] > 0:
+        raise ConfigError(HOLDOUT_NEEDED.format(name=config["method"]))
     if config.get("label") is None:
         config["label"] = config["method"]
+    ramp = config["train"]["distill_ramp"]
+    if ramp > 0 and "ramp" not in config["label"]:  # METHOD.md §8: a run with a ramp says so wherever it is named
+        config["label"] += f"+ramp{ramp:g}"
     return config
 
 

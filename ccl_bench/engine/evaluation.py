@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -50,15 +51,25 @@ def evaluate_students(students: Sequence[nn.Module], loader: DataLoader, *, num_
 
 
 def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: dict, ignore_index: int,
-                  mean: Sequence[float] | None, std: Sequence[float] | None, step: int) -> None:
+                  mean: Sequence[float] | None, std: Sequence[float] | None, step: int,
+                  region_grid: tuple[int, int] | None = None) -> None:
     """Validation images (de-normalised with ``mean``/``std``) with both predictions and who-teaches-where maps
-    (pixels and regions, with the method's rule and region size where it has them) as ``path`` (.npz)."""
+    (pixels and regions, with the method's rule, region size and score where it has them) as ``path`` (.npz).
+    With ``region_grid`` (the feature grid region-wise BSD trained on) the region map is the mask training used,
+    resized to that grid by nearest neighbour, and stored at the label resolution; else one value per region."""
     x, y, za, zb = (torch.cat(parts)[:count] for parts in zip(*kept))
     rule = method_options.get("rule", "correct")
     rule = "correct" if rule == "all" else rule
     region = tuple(method_options.get("region", (16, 16)))
+    score = method_options.get("score", "ce")
     m_ab, m_ba, _ = selection_masks(za, zb, y, rule, ignore_index)
-    regions = ccl_ops.region_direction_mask(za, zb, y, region=region, ignore_index=ignore_index).direction
+    if region_grid:
+        on_grid = ccl_ops.direction_on_grid(za, zb, y, region_grid, region=region, score=score,
+                                            ignore_index=ignore_index)
+        regions = F.interpolate(on_grid[:, None], size=tuple(y.shape[-2:]), mode="nearest")[:, 0].to(torch.int8)
+    else:
+        regions = ccl_ops.region_direction_mask(za, zb, y, region=region, score=score,
+                                                ignore_index=ignore_index).direction
     mean = torch.tensor(mean or (0.0, 0.0, 0.0))[:, None, None]
     std = torch.tensor(std or (1.0, 1.0, 1.0))[:, None, None]
     images = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
@@ -66,13 +77,18 @@ def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: d
         path, images=images.numpy(), labels=y.numpy(),
         pred_cnn=za.argmax(1).numpy(), pred_vit=zb.argmax(1).numpy(),
         pixel_direction=(m_ab.to(torch.int8) - m_ba.to(torch.int8)).numpy(), region_direction=regions.numpy(),
-        region=np.array(region), rule=np.array(rule), step=np.array(step), ignore_index=np.array(ignore_index))
+        region=np.array(region), region_grid=np.array(region_grid or ()), score=np.array(score),
+        rule=np.array(rule), step=np.array(step), ignore_index=np.array(ignore_index))
 
 
-def eval_row(step: int, result: dict) -> dict:
-    """One row of ``evals.csv``: the step, then mIoU and pixel accuracy of the CNN, the ViT and the ensemble."""
-    return {"step": step, **{f"miou_{k}": result[k]["miou"] for k in RESULT_KEYS},
-            **{f"acc_{k}": result[k]["pixel_acc"] for k in RESULT_KEYS}}
+def eval_row(step: int, result: dict, train_result: dict | None = None) -> dict:
+    """One row of ``evals.csv``: the step, then mIoU and pixel accuracy of the CNN, the ViT and the ensemble on
+    the validation set, and their mIoU on the fixed training subset (``train_miou_*``) when it is evaluated."""
+    row = {"step": step, **{f"miou_{k}": result[k]["miou"] for k in RESULT_KEYS},
+           **{f"acc_{k}": result[k]["pixel_acc"] for k in RESULT_KEYS}}
+    if train_result is not None:
+        row.update({f"train_miou_{k}": train_result[k]["miou"] for k in RESULT_KEYS})
+    return row
 
 
 def result_summary(result: dict, class_names: Sequence[str]) -> dict:

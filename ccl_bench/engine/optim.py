@@ -8,12 +8,22 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: dict) -> torch.optim.Optimizer:
-    """``cfg`` is ``optim.cnn`` or ``optim.vit``. Norm and bias parameters get no weight decay."""
+def _groups(params: Iterable[torch.nn.Parameter], cfg: dict, **extra) -> list[dict]:
+    """Weight-decayed (matrices, kernels) and undecayed (norms, biases) groups of ``params``; empty ones dropped."""
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": cfg["weight_decay"], **extra},
+              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0, **extra}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: dict,
+                    method_params: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """``cfg`` is ``optim.cnn`` or ``optim.vit``; ``params`` the student's own, ``method_params`` the method's
+    parameters that this student owns (METHOD.md §5: groups of their own, marked ``method=True``, at the
+    student's learning rate times ``method_lr_scale`` and on its schedule, left out of :func:`clip_student`).
+    Norm and bias parameters get no weight decay."""
+    groups = _groups(params, cfg, method=False) + _groups(method_params, cfg, method=True,
+                                                          lr=cfg["lr"] * cfg["method_lr_scale"])
     name = cfg["optimizer"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"])
@@ -21,6 +31,13 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: dict) -> torch.op
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         return cls(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
     raise ValueError(f"optimizer={name!r}; expected 'sgd', 'adamw' or 'adam'")
+
+
+def clip_student(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Clip the gradient norm of the student's own parameters in ``optimizer`` (not the method's groups), so that
+    every method clips exactly its students' parameters."""
+    own = [p for g in optimizer.param_groups if not g.get("method", False) for p in g["params"]]
+    return torch.nn.utils.clip_grad_norm_(own, max_norm)
 
 
 class WarmupPoly:

@@ -42,8 +42,10 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key):
         index, seed = key
+        # only the CPU generator, saved and restored: torch.manual_seed would also reseed every CUDA generator,
+        # which fork_rng(devices=[]) does not restore (dropout on the GPU would then follow the data items)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

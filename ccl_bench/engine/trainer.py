@@ -6,6 +6,7 @@ the method's parameters that belong to it). Evaluation covers both students and 
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -21,16 +22,26 @@ from ccl_ops import to_label_size
 from .. import config as config_mod
 from ..data import build_dataset
 from ..methods import StudentOutput, build_method
+from ..methods.base import CE_TERMS
 from ..models import build_student
-from ..student_names import STUDENTS
+from ..student_names import RESULT_KEYS, STUDENTS, student_labels
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluation import eval_row, evaluate_students, result_summary, save_overlays
 from .logging import CSVLog, Messages, TensorBoard
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, clip_student
 from .run_dir import checkpoint_path, prepare_run_dir, read_metrics, write_metrics, write_run_config
-from .sampling import EVAL_STREAM, HoldoutSlice, TrainingOrder, private_generator, split_holdout
+from .sampling import (EVAL_STREAM, HoldoutSlice, SeededItems, TrainingOrder, item_seed, private_generator,
+                       split_holdout)
 
+
+
+def distill_weight(step: int, ramp: float, iters: int) -> float:
+    """METHOD.md §8: ``exp(-5 (1 - min(t / t_r, 1))^2)`` with ``t_r = ramp * iters`` at optimizer step ``t``
+    (0 for the first step); 1 when ``ramp`` is 0."""
+    if ramp <= 0:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - min(step / (ramp * iters), 1.0)) ** 2)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,8 +119,7 @@ class Trainer:
         self.optimizers, self.schedulers = [], []
         total = cfg["train"]["iters"]
         for model, key in zip(self.students, STUDENTS):
-            params = list(model.parameters()) + self.method.student_parameters(key)
-            opt = build_optimizer(params, cfg["optim"][key])
+            opt = build_optimizer(model.parameters(), cfg["optim"][key], self.method.student_parameters(key))
             self.optimizers.append(opt)
             self.schedulers.append(build_scheduler(opt, cfg["optim"][key], total))
         if self.dist.enabled:
@@ -118,9 +128,9 @@ class Trainer:
         else:
             self.nets = list(self.students)
         torch.manual_seed(self.seed * 1000 + 3 + self.dist.rank)  # dropout, drop-path, invariant views
-        # training indices (minus a method's held-out slice) and the data order
+        # training indices (minus the data configuration's held-out slice, for every method) and the data order
         d = cfg["data"]
-        held_out, self.train_indices = split_holdout(len(self.train_set), self.method.holdout_fraction, self.seed)
+        held_out, self.train_indices = split_holdout(len(self.train_set), d["holdout"], self.seed)
         self.holdout = HoldoutSlice(
             self.train_set, held_out, seed=self.seed, batch_size=d["eval_batch_size"], num_workers=d["num_workers"],
             students=self.students, device=self.device, autocast=self.autocast, dist=self.dist) if held_out else None
@@ -128,6 +138,10 @@ class Trainer:
                                    num_workers=d["num_workers"], pin_memory=self.device.type == "cuda",
                                    dist=self.dist)
         self.steps_per_epoch = self.order.steps_per_epoch
+        # a fixed subset of the training images (the first of the shuffled training indices), evaluated beside
+        # the validation set so that overfitting is measured, not assumed
+        order = torch.randperm(len(self.train_indices), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        self.train_eval_indices = sorted(self.train_indices[i] for i in order[:d["train_eval_images"]])
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -156,6 +170,11 @@ class Trainer:
             za, fa = self.nets[0](xa, return_features=True)
             zb, fb = self.nets[1](xb, return_features=True)
             out = self.method(StudentOutput(to_label_size(za, y), fa), StudentOutput(to_label_size(zb, y), fb), y)
+        ramp = self.config["train"]["distill_ramp"]
+        if ramp > 0:  # METHOD §8: the same weight on every method's non-CE terms
+            weight = distill_weight(self.step, ramp, self.config["train"]["iters"])
+            out.terms = {k: v if k in CE_TERMS else weight * v for k, v in out.terms.items()}
+            out.stats["distill_weight"] = torch.tensor(weight)
         total = sum(v.float() for v in out.terms.values())
         return total, out
 
@@ -175,7 +194,7 @@ class Trainer:
         for opt in self.optimizers:
             if clip > 0:
                 self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+                clip_student(opt, clip)
             self.scaler.step(opt)
         self.scaler.update()
         for sched in self.schedulers:
@@ -184,25 +203,39 @@ class Trainer:
         return total, out
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, overlays: int = 0) -> dict:
-        """Metrics of both students and their ensemble; the first ``overlays`` images to ``overlays.npz``."""
+    def _evaluate_on(self, dataset, items: list, what: str, overlays: int = 0) -> tuple[dict, list]:
         d = self.config["data"]
-        n = len(self.val_set) if d["val_limit"] is None else min(d["val_limit"], len(self.val_set))
-        mine = list(range(n))[self.dist.rank::self.dist.world_size]
-        loader = DataLoader(self.val_set, batch_size=d["eval_batch_size"], sampler=mine,
+        loader = DataLoader(dataset, batch_size=d["eval_batch_size"], sampler=items[self.dist.rank::self.dist.world_size],
                             num_workers=d["num_workers"], pin_memory=self.device.type == "cuda",
                             generator=private_generator(self.seed, EVAL_STREAM))
-        progress = f"eval {self.label}" if self.dist.is_main and self.config["train"]["progress"] else None
-        result, kept = evaluate_students(self.students, loader, num_classes=self.num_classes,
-                                         ignore_index=self.ignore_index, device=self.device, dist=self.dist,
-                                         autocast=self.autocast, overlays=overlays, progress=progress)
+        progress = f"eval {what} {self.label}" if self.dist.is_main and self.config["train"]["progress"] else None
+        return evaluate_students(self.students, loader, num_classes=self.num_classes, ignore_index=self.ignore_index,
+                                 device=self.device, dist=self.dist, autocast=self.autocast, overlays=overlays,
+                                 progress=progress)
+
+    @torch.no_grad()
+    def evaluate(self, overlays: int = 0) -> dict:
+        """Metrics of both students and their ensemble on the validation set; the first ``overlays`` images to
+        ``overlays.npz``."""
+        d = self.config["data"]
+        n = len(self.val_set) if d["val_limit"] is None else min(d["val_limit"], len(self.val_set))
+        result, kept = self._evaluate_on(self.val_set, list(range(n)), "val", overlays)
         if kept and self.run_dir:
             transform = self.val_set.transform  # undo its normalisation (none when mean/std are None)
             save_overlays(os.path.join(self.run_dir, "overlays.npz"), kept, overlays,
                           method_options=config_mod.method_options(self.config), ignore_index=self.ignore_index,
-                          mean=transform.mean, std=transform.std, step=self.step)
+                          mean=transform.mean, std=transform.std, step=self.step,
+                          region_grid=getattr(self.method, "region_grid", None))
         return result
+
+    @torch.no_grad()
+    def evaluate_train_subset(self) -> dict | None:
+        """The same metrics on the fixed training subset (``data.train_eval_images``; None when 0), each image as
+        the training set gives it, with fixed augmentation seeds."""
+        if not self.train_eval_indices:
+            return None
+        items = [(i, item_seed(self.seed, EVAL_STREAM, i)) for i in self.train_eval_indices]
+        return self._evaluate_on(SeededItems(self.train_set), items, "train")[0]
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     @property
@@ -285,8 +318,12 @@ class Trainer:
         previous = self._install_signals()
         bar = tqdm(total=iters, initial=self.step, desc=f"train {self.label} s{self.seed}", unit="it",
                    disable=not (self.dist.is_main and cfg["progress"]), dynamic_ncols=True)
-        self.say(f"{self.label} seed {self.seed}: steps {self.step}->{iters}, {len(self.train_indices)} training "
-                 f"images, {self.steps_per_epoch} steps/epoch, device {self.device}"
+        names = student_labels(self.config["students"])
+        self.say(f"{self.label} seed {self.seed}: students {names['cnn']} and {names['vit']}; steps {self.step}->{iters}, "
+                 f"{len(self.train_indices)} training images"
+                 + (f" ({len(self.train_set) - len(self.train_indices)} held out)" if self.holdout else "") + ", "
+                 + (f"distillation ramp-up over {cfg['distill_ramp']:g} of the steps, " if cfg["distill_ramp"] else "")
+                 + f"{self.steps_per_epoch} steps/epoch, device {self.device}"
                  + (f" x{self.dist.world_size}" if self.dist.enabled else "")
                  + (f", amp {self.amp_dtype}" if self.amp_dtype else ""))
         metrics = self._metrics_dict(None)
@@ -311,15 +348,18 @@ class Trainer:
                 if self.step % cfg["eval_interval"] == 0 or last:
                     self.elapsed += time.perf_counter() - tick
                     result = self.evaluate(overlays=cfg["overlays"] if last else 0)
-                    row = eval_row(self.step, result)
+                    train_result = self.evaluate_train_subset()
+                    row = eval_row(self.step, result, train_result)
                     self.history.append(row)
-                    metrics = self._metrics_dict(result)
+                    metrics = self._metrics_dict(result, train_result)
                     if main:
                         evals_log.write(row)
                         write_metrics(self.run_dir, metrics)
                     board.scalars("val", row, self.step)
-                    bar.write(f"[{self.label} s{self.seed}] step {self.step}: mIoU cnn {row['miou_cnn']:.4f} "
-                              f"vit {row['miou_vit']:.4f} ensemble {row['miou_ensemble']:.4f}") \
+                    names = student_labels(self.config["students"])
+                    bar.write(f"[{self.label} s{self.seed}] step {self.step}: mIoU {names['cnn']} "
+                              f"{row['miou_cnn']:.4f}, {names['vit']} {row['miou_vit']:.4f}, ensemble "
+                              f"{row['miou_ensemble']:.4f}") \
                         if self.dist.is_main and cfg["progress"] else None
                     tick = time.perf_counter()
                 if self.step % cfg["checkpoint_interval"] == 0 or last:
@@ -343,16 +383,21 @@ class Trainer:
                 signal.signal(s, handler)
         return metrics
 
-    def _metrics_dict(self, result: dict | None) -> dict:
+    def _metrics_dict(self, result: dict | None, train_result: dict | None = None) -> dict:
         d = {"method": self.label, "method_name": self.config["method"],
              "method_options": config_mod.method_options(self.config), "seed": self.seed, "step": self.step,
              "iters": self.config["train"]["iters"], "complete": self.step >= self.config["train"]["iters"],
+             "distill_ramp": self.config["train"]["distill_ramp"],
+             "train_images": len(self.train_indices), "holdout_images": len(self.train_set) - len(self.train_indices),
              "preset": self.config.get("preset"), "dataset": self.config["data"]["dataset"],
              "students": {k: self.config["students"][k]["name"] for k in STUDENTS},
              "world_size": self.dist.world_size, "device": str(self.device), "train_seconds": self.elapsed,
              "history": self.history}
         if result is not None:
             d.update(result_summary(result, self.class_names))
+        if train_result is not None:
+            d["train_miou"] = {k: train_result[k]["miou"] for k in RESULT_KEYS}
+            d["train_eval_images"] = len(self.train_eval_indices)
         return d
 
     def fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

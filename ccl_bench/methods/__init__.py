@@ -13,8 +13,8 @@ METHOD.md where it leaves a choice, all configurable through the method's option
   (projection width ``rbsd_dim``, common grid = the finer feature grid); ``proj_a`` trains with A, ``proj_b``
   with B. Pixel-wise BSD: :class:`ccl_ops.PixelBSDLoss` (``rule``, ``normalize``, ``temperature``).
 * ``kdcl-*`` are per-pixel adaptations of a classification method. Naive: ties go to A. Linear: ``alpha`` per
-  batch (per process under DDP). General: the held-out slice (``holdout`` of the training set, drawn with the
-  run's seed) is removed from this method's training data; errors use the temperature-softened probabilities;
+  batch (per process under DDP). General: the held-out slice is the data configuration's (``data.holdout`` of
+  the training set, drawn with the run's seed, removed from the training of every method); errors use the temperature-softened probabilities;
   ``ridge`` regularises the 2x2 covariance. Invariant mode: each student gets its own photometric gain and
   shift (geometric augmentations would misalign the per-pixel teacher).
 """

@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+HOLDOUT_NEEDED = ("method {name!r} estimates its ensemble weights on a held-out slice of the training set, and "
+                  "data.holdout is 0; set a fraction, e.g. --set data.holdout=0.1 (METHOD.md §6: the slice is removed "
+                  "from the training set of every method of a comparison, so set it for all of them)")
+CE_TERMS = ("ce_a", "ce_b")  # the loss terms that are the students' own supervised losses (never ramped)
+
+
 class StudentOutput(NamedTuple):
     logits: torch.Tensor  # (N, C, H, W) at the label resolution
     features: Sequence[torch.Tensor] = ()  # encoder stage outputs [f1, f2, f3, f4] (METHOD.md stage 1 = index 0)
@@ -38,8 +44,9 @@ class Method(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     # option -> allowed values, for the option checks (an option not listed here is checked by type)
     choices: ClassVar[dict[str, Sequence[Any]]] = {}
-    # number of training images held out of training (KDCL-General); the engine removes them from the sampler
-    holdout_fraction: float = 0.0
+    # whether the method estimates something on the held-out slice of the training set (``data.holdout``), which
+    # the data configuration removes from the training of every method of a comparison (METHOD.md §6)
+    needs_holdout: ClassVar[bool] = False
 
     def __init__(self, students: tuple[nn.Module, nn.Module], num_classes: int, ignore_index: int = 255,
                  **options):
@@ -65,14 +72,18 @@ class Method(nn.Module):
         return []
 
     def on_epoch_start(self, epoch: int, holdout: Any | None) -> None:
-        """Hook before each training epoch. ``holdout`` (when ``holdout_fraction > 0``) iterates ``(x, y)``
+        """Hook before each training epoch. ``holdout`` (when ``data.holdout > 0``) iterates ``(x, y)``
         batches of the held-out slice on the training device, students in eval mode, and ``holdout.sum(t)``
         sums a CPU tensor over the ranks."""
 
     # -- shared pieces ----------------------------------------------------------------------------------------
     def ce_terms(self, out_a: StudentOutput, out_b: StudentOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"ce_a": F.cross_entropy(out_a.logits, y, ignore_index=self.ignore_index),
-                "ce_b": F.cross_entropy(out_b.logits, y, ignore_index=self.ignore_index)}
+        return {key: self.cross_entropy(out.logits, y) for key, out in zip(CE_TERMS, (out_a, out_b))}
+
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean CE over the valid pixels, 0 (not NaN) when a batch has none (METHOD.md §5, like the ops)."""
+        total = F.cross_entropy(logits, y, ignore_index=self.ignore_index, reduction="sum")
+        return total / self.valid_count(y).to(total.dtype)
 
     def valid_count(self, y: torch.Tensor) -> torch.Tensor:
         return (y != self.ignore_index).sum().clamp(min=1)
@@ -113,7 +124,7 @@ def resolve_options(cls: type[Method], options: dict[str, Any]) -> dict[str, Any
                              f"like the default {default!r}")
         resolved[key] = float(value) if isinstance(default, float) else value
     for key, value in resolved.items():
-        if (key.startswith(("lambda", "weight")) or key == "holdout") and isinstance(value, float) and value < 0:
+        if key.startswith(("lambda", "weight")) and isinstance(value, float) and value < 0:
             raise ValueError(f"method {cls.name!r}: {key}={value!r}; expected a number >= 0")
         if key == "temperature" and not value > 0:
             raise ValueError(f"method {cls.name!r}: temperature={value!r}; expected a number > 0")

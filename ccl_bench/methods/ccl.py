@@ -82,6 +82,8 @@ class CCL(Method):
             cells = torch.tensor(region.direction.numel(), device=y.device)
             stats["region_ab"] = share((region.direction > 0).sum(), cells)
             stats["region_ba"] = share((region.direction < 0).sum(), cells)
+            stats["rbsd_norm_a"], stats["rbsd_norm_b"] = region.norm_a, region.norm_b
+            self.region_grid = tuple(region.direction.shape[-2:])  # the overlays draw the mask on this grid
         if o["pbsd"]:
             kl = self.pbsd(out_a.logits, out_b.logits, y)
             terms["pbsd_a"] = o["lambda_pbsd"] * kl.loss_a

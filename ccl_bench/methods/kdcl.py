@@ -11,7 +11,7 @@ from baselines.kdcl import (ensemble_weights, error_covariance, general_teacher,
                             min_logit_teacher, naive_teacher, prediction_errors)
 from ccl_ops import to_label_size
 
-from .base import Method, MethodOutput
+from .base import HOLDOUT_NEEDED, Method, MethodOutput
 from .registry import register
 
 
@@ -93,19 +93,18 @@ class KDCLGeneral(KDCL):
     description = ("KDCL-General (per-pixel adaptation): probability ensemble weighted by the inverse error "
                    "covariance on a held-out slice of the training set, projected onto the simplex, "
                    "re-estimated at the start of every epoch after the first (equal weights before)")
-    defaults = {**KDCL.defaults, "holdout": 0.1, "ridge": 1e-6}
+    defaults = {**KDCL.defaults, "ridge": 1e-6}
+    needs_holdout = True  # METHOD §6: the slice is the data configuration's (data.holdout), for every method
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not 0 < self.options["holdout"] < 1:
-            raise ValueError(f"method 'kdcl-general': holdout={self.options['holdout']!r}; expected a fraction "
-                             "of the training set in (0, 1)")
-        self.holdout_fraction = self.options["holdout"]
         self.register_buffer("weights", torch.tensor([0.5, 0.5]))  # checkpointed: resume keeps the estimate
 
     def on_epoch_start(self, epoch, holdout):
         # METHOD §6: equal weights during the first epoch (no trained students to estimate from yet).
-        if holdout is None or epoch == 0:
+        if holdout is None:
+            raise ValueError(HOLDOUT_NEEDED.format(name=self.name))
+        if epoch == 0:
             return
         t = self.options["temperature"]
         cov = torch.zeros(2, 2, dtype=torch.float64)

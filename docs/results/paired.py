@@ -15,20 +15,8 @@ import argparse
 import sys
 
 import pandas as pd
-from scipy import stats
-
 from ccl_bench.train_cli import split_method_specs
-from ccl_bench.report import STUDENT_COLUMNS, load_runs
-
-
-def paired_t(differences: pd.Series, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the two ends of the paired-t interval of per-seed differences."""
-    n = len(differences)
-    mean = differences.mean()
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * differences.std(ddof=1) / n ** 0.5
-    return mean, mean - half, mean + half
+from ccl_bench.report import STUDENT_COLUMNS, load_runs, paired_t
 
 
 def paired_table(runs: pd.DataFrame, reference: str, against: list[str]) -> pd.DataFrame:

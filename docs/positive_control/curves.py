@@ -1,0 +1,69 @@
+"""Learning curves of finished runs as a markdown table, and the flatness check of the positive control: the
+gain of each student's validation mIoU over the last quarter of the budget (from the evaluation at or before
+75% of the steps to the last), and the train - validation gap at the end.
+
+    python docs/positive_control/curves.py RUN_OR_FOLDER... --out FILE.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pandas as pd
+
+from ccl_bench.report import load_runs
+from ccl_bench.student_names import STUDENTS, student_labels
+
+
+def curve_rows(run: str, label: str) -> list[dict]:
+    frame = pd.read_csv(os.path.join(run, "evals.csv"))
+    rows = []
+    for _, r in frame.iterrows():
+        row = {"run": label, "step": int(r["step"])}
+        for slot in STUDENTS:
+            row[f"{slot} val"] = f"{100 * r[f'miou_{slot}']:.1f}"
+            if f"train_miou_{slot}" in frame:
+                row[f"{slot} train"] = f"{100 * r[f'train_miou_{slot}']:.1f}"
+        rows.append(row)
+    return rows
+
+
+def flatness(run: str) -> dict:
+    frame = pd.read_csv(os.path.join(run, "evals.csv")).set_index("step")
+    last = frame.index.max()
+    start = frame.index[frame.index <= 0.75 * last].max()
+    out = {"from step": int(start), "to step": int(last)}
+    for slot in STUDENTS:
+        out[f"{slot} last-quarter gain"] = 100 * (frame.loc[last, f"miou_{slot}"] - frame.loc[start, f"miou_{slot}"])
+        if f"train_miou_{slot}" in frame:
+            out[f"{slot} train - val"] = 100 * (frame.loc[last, f"train_miou_{slot}"] - frame.loc[last, f"miou_{slot}"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="run directories or folders of runs")
+    parser.add_argument("--out", required=True, help="markdown file to write")
+    parser.add_argument("--curves", action="store_true", help="also the whole curve of every run")
+    args = parser.parse_args()
+    runs = load_runs(args.paths, complete_only=True)
+    names = student_labels({slot: runs[f"model_{slot}"].dropna().iloc[0] for slot in STUDENTS})
+    flat = pd.DataFrame([{"method": m, "seed": s, **flatness(d)} for m, s, d in
+                         zip(runs["method"], runs["seed"], runs["run_dir"])])
+    text = [f"<!-- made by: python docs/positive_control/curves.py {' '.join(sys.argv[1:])} -->",
+            f"Students: {names['cnn']} in slot cnn, {names['vit']} in slot vit. mIoU in %; last-quarter gain: "
+            "validation mIoU at the last evaluation minus at the last evaluation at or before 75% of the steps; "
+            "train - val: the gap at the end (fixed training subset minus validation set).", "",
+            flat.to_markdown(index=False, floatfmt="+.2f"), ""]
+    if args.curves:
+        rows = [row for m, s, d in zip(runs["method"], runs["seed"], runs["run_dir"])
+                for row in curve_rows(d, f"{m} seed {s}")]
+        text += [pd.DataFrame(rows).to_markdown(index=False), ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(text))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
