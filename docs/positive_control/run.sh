@@ -6,7 +6,7 @@
 # The two pair stages are independent: on the 2-core machine they were run side by side, one thread each
 # (THREADS=1 bash docs/positive_control/run.sh cnn-vit & THREADS=1 bash docs/positive_control/run.sh cnn-cnn),
 # which finishes the grid sooner than one after the other on two threads. Finished runs are reused (`compare`
-# skips them), so a stage can be stopped and restarted; each seed's three runs finish before the next seed's.
+# skips them), so a stage can be stopped and restarted.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=docs/positive_control
@@ -25,9 +25,12 @@ stage_tune() {  # the schedule, once, for `independent`, on the held-out copy of
     fi
   done
 }
-pair() {  # pair stage: preset, folder
+pair() {  # pair stage: preset, folder. Independent and DML for every seed first (the control itself), then DML
+  # with the ramp-up; one seed at a time, so that an interrupted stage leaves whole pairs of runs
   for seed in "${SEEDS[@]}"; do
     ccl-bench compare --preset "$1" --methods independent,dml --seeds "$seed" --out "$RUNS/$2/plain" "${COMMON[@]}"
+  done
+  for seed in "${SEEDS[@]}"; do
     ccl-bench compare --preset "$1" --methods dml --seeds "$seed" --out "$RUNS/$2/ramp" "${COMMON[@]}" \
       --set train.distill_ramp=$RAMP
   done
