@@ -67,6 +67,21 @@ def _overrides(args) -> list[str]:
     return [item for group in (args.set or []) for item in group]
 
 
+def _plugin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", metavar="MODULE_OR_FILE.py",
+                        help="import a module (dotted name) or a .py file that registers methods (repeatable); "
+                             "recorded in the run's config (plugins), so --resume loads it again. Installed "
+                             "plugins (entry points of the group ccl_bench.methods) need no flag")
+
+
+def _load_plugins(args, recorded=()) -> None:
+    """Import the --plugin modules and files (and a resumed run's ``recorded`` ones) before any method spec is
+    parsed, so that a plugin's method names are known to it."""
+    from .methods.plugins import load_plugins
+
+    load_plugins([p for p in recorded if isinstance(p, str)] + (getattr(args, "plugin", None) or []))
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="preset name (see `ccl-bench methods`), e.g. quick, voc, cityscapes, camvid")
     parser.add_argument("--config", help="YAML config file applied after the preset")
@@ -77,6 +92,7 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
                              "default, KEY={a: 1} replaces it, KEY.a=1 updates one entry; switching data.dataset "
                              "drops the preset's dataset options")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (train.progress=false)")
+    _plugin_argument(parser)
 
 
 def _load(args, method: str | None, seed: int | None, label: str | None = None, method_options=None,
@@ -84,7 +100,7 @@ def _load(args, method: str | None, seed: int | None, label: str | None = None, 
     from .config import load_config
 
     direct = {"method": method, "seed": seed, "train.iters": args.iters, "label": label,
-              "train.progress": False if args.no_progress else None}
+              "train.progress": False if args.no_progress else None, "plugins": args.plugin}
     for key, value in (method_options or {}).items():
         direct[f"methods.{method}.{key}"] = value
     return load_config(args.preset if preset == "" else preset,
@@ -129,16 +145,18 @@ def _guarded(command: str, fn):
 # -- train ----------------------------------------------------------------------------------------------------
 def train_config(args) -> dict:
     """The validated config of a ``train`` command (what the property tests exercise, without training)."""
+    from .config import load_file
     from .engine import RunDirError
 
+    saved = os.path.join(args.out, "config.yaml")
+    tree = load_file(saved) if args.resume and os.path.isfile(saved) else None
+    recorded = (tree or {}).get("plugins")
+    _load_plugins(args, recorded if isinstance(recorded, list) else [])
     name, options = _method_spec(args.method) if args.method else (None, {})
     label = args.label or (args.method if options else None)
-    saved = os.path.join(args.out, "config.yaml")
-    if args.resume and os.path.isfile(saved):
+    if tree is not None:
         # the run's own config, then what this command states explicitly (checked against it on resume)
-        from .config import load_file
-
-        preset = load_file(saved).get("preset")
+        preset = tree.get("preset")
         if args.preset and args.preset != preset:
             raise RunDirError(f"--resume {args.out!r}: the run used --preset {preset!r}, not {args.preset!r}")
         files = [saved] + ([args.config] if args.config else [])
@@ -173,6 +191,7 @@ def cmd_compare(args) -> int:
         from .engine.compare import run_dir_name, train_or_reuse
         from .report import write_report
 
+        _load_plugins(args)
         specs = split_method_specs(args.methods)
         if not specs or not args.seeds:
             raise ConfigError(f"--methods {args.methods!r} --seeds {args.seeds!r}: expected at least one method "
@@ -208,6 +227,7 @@ def cmd_report(args) -> int:
     def run():
         from .report import write_report
 
+        _load_plugins(args)  # for symmetry: a report reads only the runs' metrics.json
         out = args.out or (args.dirs[0] if len(args.dirs) == 1 else "report")
         written = write_report(args.dirs, out, baseline=args.baseline, plots=not args.no_plots,
                                complete_only=args.complete_only, order=args.order)
@@ -229,16 +249,21 @@ def cmd_export(args) -> int:
 
 # -- methods --------------------------------------------------------------------------------------------------
 def cmd_methods(args) -> int:
-    from .config import preset_names
-    from .methods import method_class, method_names
+    def run():
+        from .config import preset_names
+        from .methods import method_class, method_names
+        from .methods.registry import origin
 
-    for name in method_names():
-        cls = method_class(name)
-        print(f"{name:15s} {cls.description}")
-        if cls.defaults:
-            print(" " * 16 + "options: " + ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()))
-    print("presets: " + ", ".join(preset_names()))
-    return 0
+        _load_plugins(args)
+        for name in method_names():
+            cls = method_class(name)
+            print(f"{name:15s} {cls.description}")
+            if not origin(cls).startswith("ccl_bench."):
+                print(" " * 16 + f"plugin: {origin(cls)}")
+            if cls.defaults:
+                print(" " * 16 + "options: " + ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()))
+        print("presets: " + ", ".join(preset_names()))
+    return _guarded("methods", run)
 
 
 # -- overhead -------------------------------------------------------------------------------------------------
@@ -251,6 +276,7 @@ def cmd_overhead(args) -> int:
         from .engine import Trainer, distributed
         from .engine.overhead import median_step_seconds
 
+        _load_plugins(args)
         specs = split_method_specs(args.methods)
         if not specs:
             raise ConfigError(f"--methods {args.methods!r}: expected at least one method, e.g. independent,ccl")
@@ -307,6 +333,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--order", type=split_method_specs, default=[],
                    help="comma-separated methods listed first, in this order")
     p.add_argument("--no-plots", action="store_true")
+    _plugin_argument(p)
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser("export", help="write one student of a run as a plain state dict")
@@ -315,7 +342,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output .pt file")
     p.set_defaults(func=cmd_export)
 
-    p = subparsers.add_parser("methods", help="list the methods, their options and the presets")
+    p = subparsers.add_parser("methods", help="list the methods (plugins included), their options and the presets")
+    _plugin_argument(p)
     p.set_defaults(func=cmd_methods)
 
     p = subparsers.add_parser("overhead", help="time a training step of each method (CCL vs CE co-training)")

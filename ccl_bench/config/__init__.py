@@ -34,6 +34,8 @@ from .options import check_options, signature_options
 
 # keys whose default is null: the type a value must have when it is set
 NULLABLE = {"preset": str, "label": str, "data.root": str, "data.val_limit": int}
+# keys holding lists of non-empty strings
+STRING_LISTS = {"plugins": "a list of module names or .py file paths"}
 # keys holding free-form mappings (checked by the code they are passed to)
 FREE_FORM = {"data.options", "data.train_options", "data.val_options", "students.cnn.options",
              "students.vit.options"}
@@ -222,13 +224,16 @@ def _check_type(path: str, value: Any, default: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif path in STRING_LISTS:
+        ok = isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
     elif expected is list:  # lists of numbers (betas): the same length and element types as the default
         ok = isinstance(value, list) and len(value) == len(default) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
     else:
         ok = isinstance(value, expected)
     if not ok:
-        what = "a mapping" if expected is dict else ("an int" if expected is int else f"a {expected.__name__}")
+        what = STRING_LISTS.get(path) or ("a mapping" if expected is dict else "an int" if expected is int
+                                          else f"a {expected.__name__}")
         raise ConfigError(f"{path}={value!r}; expected {what}"
                           + (f" like the default {default!r}" if default not in (None, {}) else ""))
     if expected is int and not -INT_LIMIT < value < INT_LIMIT:
@@ -311,6 +316,16 @@ def _check_students(students: dict) -> None:
         check_options(f"students.{key}.options", f"student {name!r}", students[key]["options"], valid, open_ended)
 
 
+def _load_plugins(plugins: list[str]) -> list[str]:
+    """Import the plugins (:mod:`ccl_bench.methods.plugins`); the list with file paths made absolute."""
+    from ..methods.plugins import load_plugins
+
+    try:
+        return load_plugins(plugins)
+    except ValueError as exc:
+        raise ConfigError(f"plugins: {exc}") from None
+
+
 def _check_methods(config: dict) -> None:
     from ..methods import method_class, method_names
     from ..methods.base import resolve_options
@@ -339,6 +354,7 @@ def validate(config: dict) -> dict:
     config = merge(defaults(), config)  # a section reset by null in a file was filled in by merge; be sure
     _check_data(config["data"])
     _check_students(config["students"])
+    config["plugins"] = _load_plugins(config["plugins"])  # before the methods: a plugin's method names validate
     _check_methods(config)
     from ..methods import method_class
     from ..methods.base import HOLDOUT_NEEDED

@@ -4,6 +4,10 @@
 #     bash docs/results/run.sh [main|ablations|cost|report]...   (default: all four, in that order)
 # Runs land in docs/results/runs/<table>/<method>/seed<k>/ (config.yaml, evals.csv, metrics.json, steps.csv,
 # train.log; checkpoints are git-ignored). Finished runs are reused, so a stage can be stopped and restarted.
+# The second edition's runs were made at commit 1dea381. Issue #23 changed the engine since (the held-out slice is
+# data.holdout for every method, which KDCL-General now requires; CCL's adapters are outside the students'
+# gradient clipping; the quick preset's regions are 16 px, one per feature cell): to reproduce the edition,
+# check out 1dea381. The positive-control regime's runs are made by docs/positive_control/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=(--preset quick --config docs/results/main.yaml)
