@@ -19,3 +19,13 @@ def device(request):
         pytest.fail(f"ccl_ops has no compiled kernel for device {device.type!r} (extension error: "
                     f"{ops._EXTENSION_ERROR}); the kernel tests would compare the reference with itself")
     return device
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests: two OpenMP threads on a loaded 2-core machine spin against each
+    other; one thread is steady (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ccl_bench.data import build_dataset
 from ccl_bench.data.digits import build_digits, compose_canvas, compose_photo, load_mnist, split_digits
+from voc_tree import check_items
 
 # ---------------------------------------------------------------------------------------------- digits
 
@@ -152,16 +153,6 @@ def raw_grid(values, seed):
     grid = rng.choice(np.asarray(values), size=(H, W))
     grid.flat[: len(values)] = values
     return grid
-
-
-def check_items(ds, expected):
-    """expected: list of (image tensor, expected label array) in dataset order."""
-    assert len(ds) == len(expected)
-    for i, (image, label) in enumerate(expected):
-        got_image, got_label = ds[i]
-        assert got_label.dtype == torch.int64
-        torch.testing.assert_close(got_label, torch.as_tensor(label, dtype=torch.int64), rtol=0, atol=0)
-        torch.testing.assert_close(got_image, image, rtol=0, atol=4 / 255)
 
 
 # ------------------------------------------------------------------------------------------- VOC

@@ -22,13 +22,7 @@ from tiny_config import tiny_config
 warnings.filterwarnings("ignore", message="ccl_ops: no compiled kernel")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two OpenMP threads on a loaded 2-core machine spin against each other; one thread is steady
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(method="ccl", *overrides, **direct):

@@ -16,6 +16,7 @@ from ccl_bench.config import ConfigError, load_config
 from ccl_bench.data import DataFileError, build_dataset
 from ccl_bench.data import folder as folder_module
 from tiny_config import TINY_FILE
+from voc_tree import check_items
 
 warnings.filterwarnings("ignore", message="ccl_ops: no compiled kernel")
 
@@ -71,15 +72,6 @@ def make_tree(root, layout="list", mode="L", raw_ignore=255, size=16, splits=SPL
     return expected
 
 
-def check_items(ds, expected):
-    assert len(ds) == len(expected)
-    for i, (image, label) in enumerate(expected):
-        got_image, got_label = ds[i]
-        assert got_label.dtype == torch.int64
-        torch.testing.assert_close(got_label, torch.as_tensor(label, dtype=torch.int64), rtol=0, atol=0)
-        torch.testing.assert_close(got_image, image, rtol=0, atol=1e-6)
-
-
 def plain(split, root, **options):
     return build_dataset("folder", split, root, augment=False, normalize=False, **options)
 
@@ -93,7 +85,7 @@ def test_list_file_splits_index_masks_classes_from_yaml(tmp_path):
         ds = plain(split, tmp_path)
         ds.check_files()
         assert ds.num_classes == 3 and ds.class_names == NAMES and ds.ignore_index == 255
-        check_items(ds, expected[split])  # raw 7 -> 255, 0-2 stay
+        check_items(ds, expected[split], atol=1e-6)  # raw 7 -> 255, 0-2 stay
     assert Image.open(tmp_path / "masks" / "b.png").mode == "P"  # both index modes are exercised
 
 
@@ -104,15 +96,15 @@ def test_subfolder_splits_palette_masks_classes_from_options(tmp_path):
         ds = plain(split, tmp_path, **options)  # the options win over classes.yaml
         ds.check_files()
         assert ds.class_names == NAMES
-        check_items(ds, expected[split])
+        check_items(ds, expected[split], atol=1e-6)
 
 
 def test_palette_from_yaml_reads_rgb_and_index_masks(tmp_path):
     expected = make_tree(tmp_path, "list", "RGB", classes={"names": NAMES, "palette": PALETTE,
                                                            "ignore_color": IGNORE_COLOR})
     write_mask(str(tmp_path / "masks" / "c.png"), np.asarray(expected["val"][0][1]), "P")  # 'P' = class ids
-    check_items(plain("train", tmp_path), expected["train"])
-    check_items(plain("val", tmp_path), expected["val"])
+    check_items(plain("train", tmp_path), expected["train"], atol=1e-6)
+    check_items(plain("val", tmp_path), expected["val"], atol=1e-6)
 
 
 def test_list_file_wins_and_leaves_other_files_out(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 IDS = {"train": ["2007_000032", "2007_000039"], "val": ["2007_000033"]}
@@ -29,3 +30,14 @@ def make_voc_tree(root) -> str:
             with open(os.path.join(lists, f"{name}.txt"), "w") as f:
                 f.write("\n".join(ids) + "\n")
     return base
+
+
+def check_items(ds, expected, atol: float = 4 / 255):
+    """expected: list of (image tensor, expected label array) in dataset order; labels exactly, images within
+    ``atol`` (JPEG rounding by default)."""
+    assert len(ds) == len(expected)
+    for i, (image, label) in enumerate(expected):
+        got_image, got_label = ds[i]
+        assert got_label.dtype == torch.int64
+        torch.testing.assert_close(got_label, torch.as_tensor(label, dtype=torch.int64), rtol=0, atol=0)
+        torch.testing.assert_close(got_image, image, rtol=0, atol=atol)
