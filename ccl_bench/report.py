@@ -248,7 +248,7 @@ def display_table(summary: pd.DataFrame, baseline: str = "independent") -> pd.Da
         if summary.filter(like="_train_mean").notna().any().any():
             for key, title in STUDENT_COLUMNS:
                 row[f"{title} train mIoU"] = _pm(r.get(f"{key}_train_mean", math.nan), math.nan)
-        if summary.get("distill_ramp", pd.Series(dtype=str)).str.strip("0,").any():
+        if any(ramp not in ("", "0") for ramp in summary.get("distill_ramp", ())):  # some method ramps
             row["ramp"] = r["distill_ramp"]
         rows.append(row)
     return pd.DataFrame(rows)

@@ -217,13 +217,20 @@ def test_the_ramp_scales_every_non_ce_term_exactly_and_leaves_ce_alone(method):
     assert ramped.config["label"] == f"{method}+ramp0.5"
 
 
-def test_the_ramp_is_logged_and_named(tmp_path):
+def test_the_ramp_is_logged_and_named_in_the_table(tmp_path):
+    from ccl_bench.report import write_report
+
     config = tiny("dml", "train.iters=2", "train.eval_interval=2", "train.distill_ramp=0.5")
-    metrics = run_training(config, str(tmp_path / "run"), quiet=True)
+    metrics = run_training(config, str(tmp_path / "runs" / "dml_ramp"), quiet=True)
     assert metrics["distill_ramp"] == 0.5 and metrics["method"] == "dml+ramp0.5"
-    with open(tmp_path / "run" / "steps.csv") as f:
+    with open(tmp_path / "runs" / "dml_ramp" / "steps.csv") as f:
         header = f.readline().strip().split(",")
     assert "distill_weight" in header
+    run_training(tiny("dml", "train.iters=2", "train.eval_interval=2"), str(tmp_path / "runs" / "dml"), quiet=True)
+    with open(write_report([str(tmp_path / "runs")], str(tmp_path / "report"), plots=False, baseline="dml")[
+            "markdown"]) as f:
+        table = f.read()
+    assert "| ramp |" in table and "| dml+ramp0.5 | 1 |" in table and table.count(" | 0.5 |") == 1
 
 
 # -- the training-set evaluation -----------------------------------------------------------------------------
