@@ -1,8 +1,9 @@
 """Co-training methods from outside the package, registered with :func:`~.registry.register` like the built-in ones.
 
 * Installed plugins: a distribution declares an entry point of the group ``ccl_bench.methods`` naming a module
-  (whose import registers its methods) or a :class:`~.base.Method` subclass (registered here); the registry
-  loads them all the first time it is consulted, so every command sees them without a flag.
+  (whose import registers its methods) or a :class:`~.base.Method` subclass; the registry
+  (:func:`~.registry.load_entry_points`) loads them all the first time it is consulted, so every command sees
+  them without a flag.
 * ``--plugin MODULE_OR_FILE.py`` (the config key ``plugins``): a dotted module name is imported, a path to a
   ``.py`` file is imported from that file. The config records file paths as absolute paths, so that
   ``--resume`` and ``compare``'s reuse of a run load the same plugins again.
@@ -19,20 +20,8 @@ import os
 import re
 import sys
 import types
-from importlib.metadata import entry_points
-
-from .registry import PLUGIN_MODULE_PREFIX, RegistrationError, register
-
-GROUP = "ccl_bench.methods"
+from .registry import PLUGIN_MODULE_PREFIX, PluginError, RegistrationError, error_line
 _LOADED: dict[str, types.ModuleType] = {}  # normalised spec -> module, so that a plugin runs once per process
-
-
-class PluginError(ValueError):
-    """A plugin that cannot be loaded (one line naming it and what is expected)."""
-
-
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def is_file(spec: str) -> bool:
@@ -74,7 +63,7 @@ def load_plugin(spec: str) -> types.ModuleType:
         except Exception as exc:  # SyntaxError, ImportError, anything its import raises
             expected = "a Python file that imports cleanly" if is_file(key) else (
                 "an importable module name or a path to a .py file")
-            raise PluginError(f"plugin {key!r}: cannot import it ({_error(exc)}); expected {expected}") from None
+            raise PluginError(f"plugin {key!r}: cannot import it ({error_line(exc)}); expected {expected}") from None
     return _LOADED[key]
 
 
@@ -84,19 +73,3 @@ def load_plugins(specs) -> list[str]:
     for key in keys:
         load_plugin(key)
     return keys
-
-
-def load_entry_points() -> None:
-    """Load every installed entry point of the group ``ccl_bench.methods`` (the registry calls this once)."""
-    for ep in entry_points(group=GROUP):
-        try:
-            obj = ep.load()
-            if isinstance(obj, type):
-                register(obj)
-            elif not isinstance(obj, types.ModuleType):
-                raise TypeError(f"it names {obj!r}")
-        except Exception as exc:
-            dist = f"distribution {ep.dist.name} {ep.dist.version}" if ep.dist else "an unknown distribution"
-            detail = str(exc) if isinstance(exc, RegistrationError) else (
-                f"{_error(exc)}; expected a module that registers methods or a Method subclass")
-            raise PluginError(f"entry point {ep.name} = {ep.value} (group {GROUP}) of {dist}: {detail}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from typing import Any
 
 from .base import Method
@@ -18,6 +19,17 @@ METHODS: dict[str, type] = {}
 PLUGIN_MODULE_PREFIX = "_ccl_bench_plugin_"  # the module names of plugin files (see plugins.py)
 OPTION_TYPES = (bool, int, float, str, list, type(None))
 _entry_points_loaded = False
+
+
+GROUP = "ccl_bench.methods"  # the entry-point group of installed plugins
+
+
+class PluginError(ValueError):
+    """A plugin that cannot be loaded (one line naming it and what is expected)."""
+
+
+def error_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 class RegistrationError(ValueError):
@@ -85,12 +97,29 @@ def _load_entry_points() -> None:
         return
     _entry_points_loaded = True  # first: a plugin may consult the registry while it loads
     try:
-        from .plugins import load_entry_points
-
         load_entry_points()
     except BaseException:
         _entry_points_loaded = False  # a broken plugin stays an error on the next look-up too
         raise
+
+
+def load_entry_points() -> None:
+    """Load every installed entry point of the group ``ccl_bench.methods``: a module registers its own methods,
+    a Method subclass is registered here; a broken one is one PluginError line naming it and its distribution."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=GROUP):
+        try:
+            obj = ep.load()
+            if isinstance(obj, type):
+                register(obj)
+            elif not isinstance(obj, types.ModuleType):
+                raise TypeError(f"it names {obj!r}")
+        except Exception as exc:
+            dist = f"distribution {ep.dist.name} {ep.dist.version}" if ep.dist else "an unknown distribution"
+            detail = str(exc) if isinstance(exc, RegistrationError) else (
+                f"{error_line(exc)}; expected a module that registers methods or a Method subclass")
+            raise PluginError(f"entry point {ep.name} = {ep.value} (group {GROUP}) of {dist}: {detail}") from None
 
 
 def method_names() -> list[str]:
