@@ -38,15 +38,16 @@ pair() {  # pair stage: preset, folder. Independent and DML for every seed first
 stage_cnn-vit() { pair small-data cnn-vit; }
 stage_cnn-cnn() { pair small-data-cnn-cnn cnn-cnn; }
 stage_report() {
-  for p in cnn-vit cnn-cnn; do
-    ccl-bench report "$RUNS/$p/plain" "$RUNS/$p/ramp" --out "$OUT/$p" --order "independent,dml,dml+ramp$RAMP" \
-      --complete-only
+  for p in cnn-vit cnn-cnn; do  # the ramp-up runs come last: a grid still under way reports the plain runs
+    folders=("$RUNS/$p/plain")
+    [ -d "$RUNS/$p/ramp" ] && folders+=("$RUNS/$p/ramp")
+    ccl-bench report "${folders[@]}" --out "$OUT/$p" --order "independent,dml,dml+ramp$RAMP" --complete-only
   done
   for lr in 0.001 0.002; do  # the two tuning runs share method and seed: one table each
     python $OUT/curves.py "$RUNS/tune/independent_lr$lr" --curves --out "$OUT/tune_lr$lr.md"
   done
   for p in cnn-vit cnn-cnn; do
-    python $OUT/curves.py "$RUNS/$p/plain" "$RUNS/$p/ramp" --out "$OUT/$p/flatness.md"
+    python $OUT/curves.py "$RUNS/$p"/* --out "$OUT/$p/flatness.md"
   done
 }
 stages=("$@")
