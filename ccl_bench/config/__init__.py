@@ -47,12 +47,13 @@ CHOICES = {
 }
 POSITIVE = {"train.iters", "train.eval_interval", "train.checkpoint_interval", "train.log_interval",
             "data.batch_size", "data.eval_batch_size", "optim.cnn.lr", "optim.vit.lr", "data.val_limit"}
-NON_NEGATIVE = {"data.num_workers", "data.train_eval_images", "optim.cnn.method_lr_scale", "optim.vit.method_lr_scale", "train.cpu_threads", "optim.grad_clip", "train.overlays", "optim.cnn.warmup_iters",
-                "optim.vit.warmup_iters", "optim.cnn.weight_decay", "optim.vit.weight_decay",
+NON_NEGATIVE = {"data.num_workers", "data.train_eval_images", "train.cpu_threads", "optim.grad_clip", "train.overlays",
+                "optim.cnn.method_lr_scale", "optim.vit.method_lr_scale", "optim.cnn.warmup_iters", "optim.vit.warmup_iters", "optim.cnn.weight_decay", "optim.vit.weight_decay",
                 "optim.cnn.min_lr", "optim.vit.min_lr", "optim.cnn.power", "optim.vit.power", "seed",
                 "optim.cnn.momentum", "optim.vit.momentum"}
 # [low, high] (closed) or [low, high) for each element of a list
-INTERVALS = {"data.holdout": (0, 1, ")"), "train.distill_ramp": (0, 1, "]"), "optim.cnn.warmup_ratio": (0, 1, "]"), "optim.vit.warmup_ratio": (0, 1, "]"),
+INTERVALS = {"data.holdout": (0, 1, ")"), "train.distill_ramp": (0, 1, "]"),
+             "optim.cnn.warmup_ratio": (0, 1, "]"), "optim.vit.warmup_ratio": (0, 1, "]"),
              "optim.cnn.betas": (0, 1, ")"), "optim.vit.betas": (0, 1, ")")}
 # integers end up in C ints (thread counts) and int64 seeds (seed * 1000 + k)
 INT_LIMIT = 2**31
