@@ -42,6 +42,8 @@ stage_report() {
     folders=("$RUNS/$p/plain")
     [ -d "$RUNS/$p/ramp" ] && folders+=("$RUNS/$p/ramp")
     ccl-bench report "${folders[@]}" --out "$OUT/$p" --order "independent,dml,dml+ramp$RAMP" --complete-only
+    ccl-bench report "${folders[@]}" --out "$OUT/$p/vs_dml" --baseline dml --order "dml,dml+ramp$RAMP,independent" \
+      --complete-only --no-plots  # does the ramp-up change DML? (paired against plain DML)
   done
   for lr in 0.001 0.002; do  # the two tuning runs share method and seed: one table each
     python $OUT/curves.py "$RUNS/tune/independent_lr$lr" --curves --out "$OUT/tune_lr$lr.md"
