@@ -222,6 +222,65 @@ def cmd_compare(args) -> int:
     return _guarded("compare", run)
 
 
+# -- tune -----------------------------------------------------------------------------------------------------
+def _same_validation_data(a: dict, b: dict) -> bool:
+    """Whether two data configs validate on the same images (same count, same first and last item): what
+    ``tune`` refuses, since a knob chosen on the reported validation split biases the report."""
+    import torch
+
+    from .data import build_dataset
+
+    def val(d):
+        return build_dataset(d["dataset"], d["val_split"], d["root"], **{**d["options"], **d["val_options"]})
+
+    if a == b:
+        return True
+    va, vb = val(a), val(b)
+    return len(va) == len(vb) and all(torch.equal(torch.as_tensor(va[i][0]), torch.as_tensor(vb[i][0]))
+                                      for i in (0, len(va) - 1))
+
+
+def cmd_tune(args) -> int:
+    """Equal-budget tuning of one method's knobs on a held-out copy of the data (:mod:`ccl_bench.tune`)."""
+    def run():
+        from .config import ConfigError
+        from .engine.compare import train_or_reuse
+        from .engine.run_dir import read_metrics
+        from .methods import method_class
+        from .tune import check_recorded, run_study
+
+        _load_plugins(args)
+        name, fixed = _method_spec(args.method)
+        cls = method_class(name)
+        tuned_and_fixed = sorted(set(fixed) & set(cls.search_space))
+        if tuned_and_fixed:
+            raise ConfigError(f"--method {args.method!r} fixes {tuned_and_fixed}, which tune searches; expected "
+                              f"fixed options outside the search space {sorted(cls.search_space)}")
+        not_data = [item for item in args.held_out if not item.startswith("data.")]
+        if not_data:
+            raise ConfigError(f"--held-out {not_data}: expected data.KEY=VALUE items that select the held-out copy")
+        held = argparse.Namespace(**{**vars(args), "set": (args.set or []) + [args.held_out]})
+        if _same_validation_data(_load(args, name, args.seed, None, fixed)["data"],
+                                 _load(held, name, args.seed, None, fixed)["data"]):
+            raise ConfigError(f"--held-out {' '.join(args.held_out)}: the validation images are the same as "
+                              f"without it; expected a copy the reports never show (e.g. data.options.seed=1 "
+                              f"for the digits data)")
+
+        def train_trial(options: dict, folder: str) -> dict:
+            check_recorded(name, options, folder)
+            config = _load(held, name, args.seed, None, {**fixed, **options})
+            _check_data([config])
+            train_or_reuse(config, folder, lambda text: print(text, file=sys.stderr))
+            return read_metrics(folder)
+
+        os.makedirs(args.out, exist_ok=True)
+        table = run_study(cls, args.trials, args.sampler_seed, args.out, train_trial)
+        print(table.astype({"trial": str}).to_markdown(index=False, floatfmt=".4f"))
+        print(f"tune: {args.trials} trials of {name}; the best options in {os.path.join(args.out, 'best.yaml')}",
+              file=sys.stderr)
+    return _guarded("tune", run)
+
+
 # -- report ---------------------------------------------------------------------------------------------------
 def cmd_report(args) -> int:
     def run():
@@ -262,6 +321,9 @@ def cmd_methods(args) -> int:
                 print(" " * 16 + f"plugin: {origin(cls)}")
             if cls.defaults:
                 print(" " * 16 + "options: " + ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()))
+            if cls.search_space:
+                print(" " * 16 + "tune searches: " + ", ".join(
+                    f"{k} in [{s.low:g}, {s.high:g}]{' (log)' if s.log else ''}" for k, s in cls.search_space.items()))
         print("presets: " + ", ".join(preset_names()))
     return _guarded("methods", run)
 
@@ -324,6 +386,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-plots", action="store_true")
     _config_arguments(p)
     p.set_defaults(func=cmd_compare, preset="quick")
+
+    p = subparsers.add_parser("tune", help="tune one method's own knobs with a fixed trial budget on held-out data")
+    p.add_argument("--method", required=True, help="method name, optionally with fixed options outside its knobs")
+    from .tune import TRIALS
+
+    p.add_argument("--trials", type=int, default=TRIALS, help=f"trial budget, the same for every method (default {TRIALS})")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the trial sampler (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every trial (default 0)")
+    p.add_argument("--held-out", required=True, nargs="+", metavar="data.KEY=VALUE",
+                   help="what makes the trials' data a held-out copy, never the reported split, e.g. "
+                        "data.options.seed=1")
+    p.add_argument("--out", required=True, help="folder of the study (trial<k> runs, trials.csv, best.yaml)")
+    _config_arguments(p)
+    p.set_defaults(func=cmd_tune)
 
     p = subparsers.add_parser("report", help="aggregate run directories into tables (md, csv, tex) and plots")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding runs")

@@ -18,9 +18,9 @@ METHOD.md where it leaves a choice, all configurable through the method's option
   ``ridge`` regularises the 2x2 covariance. Invariant mode: each student gets its own photometric gain and
   shift (geometric augmentations would misalign the per-pixel teacher).
 """
-from .base import Method, MethodOutput, StudentOutput
+from .base import Knob, Method, MethodOutput, StudentOutput
 from .registry import METHODS, build_method, method_class, method_names, parse_method_spec, register
 from . import ccl, dml, independent, kdcl  # noqa: F401,E402  (each registers its methods)
 
-__all__ = ["Method", "MethodOutput", "StudentOutput", "METHODS", "build_method", "method_class",
+__all__ = ["Knob", "Method", "MethodOutput", "StudentOutput", "METHODS", "build_method", "method_class",
            "method_names", "parse_method_spec", "register"]

@@ -21,6 +21,15 @@ HOLDOUT_NEEDED = ("method {name!r} estimates its ensemble weights on a held-out 
 CE_TERMS = ("ce_a", "ce_b")  # the loss terms that are the students' own supervised losses (never ramped)
 
 
+@dataclass(frozen=True)
+class Knob:
+    """A float option that ``ccl-bench tune`` searches, in [low, high]: log-uniform by default (weights and
+    temperatures act multiplicatively)."""
+    low: float
+    high: float
+    log: bool = True
+
+
 class StudentOutput(NamedTuple):
     logits: torch.Tensor  # (N, C, H, W) at the label resolution
     features: Sequence[torch.Tensor] = ()  # encoder stage outputs [f1, f2, f3, f4] (METHOD.md stage 1 = index 0)
@@ -47,6 +56,8 @@ class Method(nn.Module):
     # whether the method estimates something on the held-out slice of the training set (``data.holdout``), which
     # the data configuration removes from the training of every method of a comparison (METHOD.md §6)
     needs_holdout: ClassVar[bool] = False
+    # the method's own knobs and their ranges, what ``ccl-bench tune`` searches (equal trial budget per method)
+    search_space: ClassVar[dict[str, Knob]] = {}
 
     def __init__(self, students: tuple[nn.Module, nn.Module], num_classes: int, ignore_index: int = 255,
                  **options):

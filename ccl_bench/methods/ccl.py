@@ -9,7 +9,7 @@ from ccl_ops import NORMALIZATIONS, RULES, SCORES, PixelBSDLoss, RegionBSDLoss, 
 
 from ..models import run_stage
 from ..student_names import STUDENTS
-from .base import Method, MethodOutput, StudentOutput, share
+from .base import Knob, Method, MethodOutput, StudentOutput, share
 from .registry import register
 
 
@@ -35,6 +35,8 @@ class CCL(Method):
         "region": [16, 16], "score": "ce", "rbsd_dim": 128,
     }
     choices = {"rule": RULES, "normalize": NORMALIZATIONS, "score": SCORES}
+    search_space = {"lambda_hfd": Knob(0.25, 4.0), "lambda_rbsd": Knob(0.25, 4.0), "lambda_pbsd": Knob(0.25, 4.0),
+                    "temperature": Knob(1.0, 4.0)}
 
     def __init__(self, students, num_classes, ignore_index=255, **options):
         super().__init__(students, num_classes, ignore_index, **options)

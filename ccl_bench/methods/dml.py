@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from baselines.dml import mutual_kl
 
-from .base import Method, MethodOutput
+from .base import Knob, Method, MethodOutput
 from .registry import register
 
 
@@ -12,6 +12,7 @@ class DML(Method):
     name = "dml"
     description = "deep mutual learning: CE + l T^2 [KL(sg p_b || p_a) + KL(sg p_a || p_b)] at every valid pixel"
     defaults = {"temperature": 1.0, "lambda_kl": 1.0}
+    search_space = {"temperature": Knob(1.0, 4.0), "lambda_kl": Knob(0.25, 4.0)}
 
     def losses(self, out_a, out_b, y) -> MethodOutput:
         kl = mutual_kl(out_a.logits, out_b.logits, y, temperature=self.options["temperature"],

@@ -11,13 +11,14 @@ from baselines.kdcl import (ensemble_weights, error_covariance, general_teacher,
                             min_logit_teacher, naive_teacher, prediction_errors)
 from ccl_ops import to_label_size
 
-from .base import HOLDOUT_NEEDED, Method, MethodOutput
+from .base import HOLDOUT_NEEDED, Knob, Method, MethodOutput
 from .registry import register
 
 
 class KDCL(Method):
     description = "KDCL (per-pixel adaptation)"
     defaults = {"temperature": 2.0, "lambda_kl": 1.0, "invariant": False, "invariant_strength": 0.2}
+    search_space = {"temperature": Knob(1.0, 4.0), "lambda_kl": Knob(0.25, 4.0)}
 
     def teacher(self, za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Ensemble teacher logits (no gradient), same shape as ``za``."""

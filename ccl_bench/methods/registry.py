@@ -13,7 +13,7 @@ import sys
 import types
 from typing import Any
 
-from .base import Method
+from .base import Knob, Method
 
 METHODS: dict[str, type] = {}
 PLUGIN_MODULE_PREFIX = "_ccl_bench_plugin_"  # the module names of plugin files (see plugins.py)
@@ -77,6 +77,18 @@ def _check(cls) -> None:
         if not isinstance(allowed, (list, tuple)) or defaults[key] not in allowed:
             fail(f"defaults[{key!r}]={defaults[key]!r}, choices[{key!r}]={allowed!r}; expected a list of "
                  f"allowed values holding the default")
+    space = cls.search_space
+    if not isinstance(space, dict):
+        fail(f"search_space={space!r}; expected a dict of option name -> Knob(low, high)")
+    for key, knob in space.items():
+        if key not in defaults or not isinstance(defaults[key], float):
+            fail(f"search_space[{key!r}]: expected a float option of defaults {sorted(defaults)}")
+        if not (isinstance(knob, Knob) and 0 <= knob.low < knob.high and (knob.low > 0 or not knob.log)):
+            fail(f"search_space[{key!r}]={knob!r}; expected Knob(low, high) with 0 <= low < high (low > 0 on a "
+                 f"log scale)")
+        if not knob.low <= defaults[key] <= knob.high:
+            fail(f"search_space[{key!r}]={knob!r} leaves out the default {defaults[key]!r}; expected a range "
+                 f"holding it (the first trial runs the defaults)")
     other = METHODS.get(name)
     if other is not None and other is not cls and not _same_source(other, cls):
         fail(f"name {name!r} is already registered by {other.__qualname__} of {origin(other)!r}; "
