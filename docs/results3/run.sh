@@ -70,7 +70,7 @@ stage_ablations() {
 
 stage_cost() {  # seconds per step per method on one fixed batch, both cores, nothing else running
   ccl-bench overhead --preset small-data --methods "independent,dml,ccl,$(IFS=,; echo "${KDCL[*]}")" \
-    --steps 30 --warmup 5 --out "$OUT/cost.csv"
+    --steps 30 --warmup 5 --out "$OUT/cost.csv" | tee "$OUT/cost.md"
 }
 
 stage_report() {  # every table and plot of docs/RESULTS.md from the finished runs (a grid under way: those done)
@@ -87,6 +87,7 @@ stage_report() {  # every table and plot of docs/RESULTS.md from the finished ru
     report "$RUNS/cnn-vit/tuned" --out "$OUT/cnn-vit/tuned/vs_ccl" --baseline ccl+tuned --no-plots \
       --order "ccl+tuned,$tuned_order"
   fi
+  [ -d "$OUT/tune" ] && python "$OUT/tune_table.py" "$OUT/tune" --out "$OUT/tune.md" > /dev/null
   [ -d "$RUNS/ablations" ] && report "$RUNS/cnn-vit/tuned/ccl" "$RUNS/ablations" --out "$OUT/ablations" \
     --baseline ccl+tuned --order ccl+tuned --no-plots
   [ -d "$RUNS/cnn-cnn" ] && report "$pcc/independent" "$pcc/dml" "$RUNS/cnn-cnn/defaults" --out "$OUT/cnn-cnn" \
