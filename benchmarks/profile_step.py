@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ccl_bench.config import load_config
-from ccl_bench.engine.trainer import STUDENTS, Trainer
+from ccl_bench.engine.trainer import Trainer
 
 
 def timed(record: dict, name: str, fn):
@@ -33,10 +33,10 @@ def timed(record: dict, name: str, fn):
 def profile(method: str, preset: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     trainer = Trainer(load_config(preset, None, overrides, method=method), None, quiet=True)
     record: dict = defaultdict(float)
-    for net, key in zip(trainer.nets, STUDENTS):
+    for net, key in zip(trainer.nets, trainer.slots):
         net.forward = timed(record, f"forward {key}", net.forward)
     trainer.method.forward = timed(record, "loss terms", trainer.method.forward)
-    for opt, key in zip(trainer.optimizers, STUDENTS):
+    for opt, key in zip(trainer.optimizers, trainer.slots):
         opt.step = timed(record, f"optimizer {key}", opt.step)
     backward, clip = torch.autograd.backward, torch.nn.utils.clip_grad_norm_
     torch.autograd.backward = timed(record, "backward", backward)

@@ -7,10 +7,12 @@ IoU NaN and are left out). Pixel accuracy = trace / total.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 
-from .student_names import CNN, ENSEMBLE, RESULT_KEYS, VIT
+from .student_names import ENSEMBLE, result_keys, slots
 
 
 def to_labels(logits_or_labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -90,27 +92,28 @@ def confusion_metrics(confusion: torch.Tensor) -> dict:
     }
 
 
-def ensemble_probs(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
-    """The ensemble of METHOD.md §7: the mean of the two students' softmax probabilities."""
-    return 0.5 * (logits_a.float().softmax(1) + logits_b.float().softmax(1))
+def ensemble_probs(*logits: torch.Tensor) -> torch.Tensor:
+    """The ensemble of METHOD.md §7 and §9: the mean of the students' softmax probabilities."""
+    probs = [z.float().softmax(1) for z in logits]
+    return sum(probs[1:], probs[0]) * (1.0 / len(probs))  # two students: exactly 0.5 * (p_a + p_b)
 
 
 class StudentMetrics:
-    """Per-student and ensemble metrics: ``update(logits_a, logits_b, target)``; ``compute()`` returns
-    ``{"cnn": ..., "vit": ..., "ensemble": ...}``, each as :meth:`SegMetrics.compute`."""
+    """Per-student and ensemble metrics: ``update([logits_a, logits_b, ...], target)``; ``compute()`` returns
+    ``{"a": ..., "b": ..., ..., "ensemble": ...}``, each as :meth:`SegMetrics.compute`."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device=None):
-        self.meters = {k: SegMetrics(num_classes, ignore_index, device) for k in RESULT_KEYS}
+    def __init__(self, num_classes: int, ignore_index: int = 255, device=None, students: int = 2):
+        self.meters = {k: SegMetrics(num_classes, ignore_index, device) for k in result_keys(students)}
 
     def reset(self) -> None:
         for meter in self.meters.values():
             meter.reset()
 
     @torch.no_grad()
-    def update(self, logits_a: torch.Tensor, logits_b: torch.Tensor, target: torch.Tensor) -> None:
-        self.meters[CNN].update(logits_a, target)
-        self.meters[VIT].update(logits_b, target)
-        self.meters[ENSEMBLE].update(ensemble_probs(logits_a, logits_b), target)
+    def update(self, logits: Sequence[torch.Tensor], target: torch.Tensor) -> None:
+        for slot, z in zip(slots(len(logits)), logits):
+            self.meters[slot].update(z, target)
+        self.meters[ENSEMBLE].update(ensemble_probs(*logits), target)
 
     def compute(self) -> dict:
         return {k: meter.compute() for k, meter in self.meters.items()}

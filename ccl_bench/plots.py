@@ -8,16 +8,20 @@ import os
 import numpy as np
 import pandas as pd
 
-from .student_names import ENSEMBLE, RESULT_KEYS, STUDENTS, student_label
+from .student_names import ENSEMBLE, LETTERS, legacy_column, student_label
 
 SHARES = (("pixel_ab", "pixels A→B"), ("pixel_ba", "pixels B→A"), ("region_ab", "regions A→B"),
           ("region_ba", "regions B→A"))
 
 
+def _slots(runs: pd.DataFrame) -> list[str]:
+    return [k for k in LETTERS if f"miou_{k}" in runs]
+
+
 def _names(runs: pd.DataFrame) -> dict[str, str]:
     """Each slot's label (``A deeplabv3plus_resnet10t``) where every run agrees on its model, else the letter."""
     names = {}
-    for slot in STUDENTS:
+    for slot in _slots(runs):
         models = set(runs.get(f"model_{slot}", pd.Series(dtype=object)).dropna())
         names[slot] = student_label(slot, models.pop() if len(models) == 1 else None)
     return {**names, ENSEMBLE: "ensemble"}
@@ -53,7 +57,10 @@ def _pyplot():
 
 
 def _read_csv(path: str) -> pd.DataFrame | None:
-    return pd.read_csv(path) if os.path.isfile(path) and os.path.getsize(path) else None
+    """A run's log (its legacy ``_cnn``/``_vit`` columns named by slot)."""
+    if not (os.path.isfile(path) and os.path.getsize(path)):
+        return None
+    return pd.read_csv(path).rename(columns=legacy_column)
 
 
 def _mean_by_step(frames: list[pd.DataFrame], column: str) -> pd.Series | None:
@@ -67,16 +74,17 @@ def _history(run_dir: str) -> pd.DataFrame | None:
         return frame
     with open(os.path.join(run_dir, "metrics.json")) as f:
         history = json.load(f).get("history")
-    return pd.DataFrame(history) if history else None
+    return pd.DataFrame(history).rename(columns=legacy_column) if history else None
 
 
 def plot_miou_curves(runs: pd.DataFrame, path: str) -> str:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    keys = [*_slots(runs), ENSEMBLE]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), sharey=True)
     names = _names(runs)
     for method, group in runs.groupby("method", sort=False):
         frames = [_history(d) for d in group["run_dir"]]
-        for ax, key in zip(axes, RESULT_KEYS):
+        for ax, key in zip(axes, keys):
             curve = _mean_by_step(frames, f"miou_{key}")
             if curve is not None:
                 line, = ax.plot(curve.index, 100 * curve.values, marker="o", label=f"{method} (val)")
@@ -97,8 +105,9 @@ def plot_loss_curves(runs: pd.DataFrame, path: str) -> str:
         total = _mean_by_step(frames, "loss")
         if total is not None:
             axes[0].plot(total.index, total.values, label=method)
-        ce = [_mean_by_step(frames, c) for c in ("ce_a", "ce_b")]
-        for series, style, who in zip(ce, ("-", "--"), STUDENTS):
+        for i, who in enumerate(_slots(runs)):
+            series = _mean_by_step(frames, f"ce_{who}")
+            style = ("-", "--", ":", "-.")[i % 4]
             if series is not None:
                 axes[1].plot(series.index, series.values, style, label=f"{method} CE {names[who]}")
     axes[0].set_title("total loss")
@@ -141,25 +150,26 @@ def plot_overlays(run_dir: str, path: str, title: str | None = None,
     if not os.path.isfile(source):
         return None
     plt = _pyplot()
-    names = names or {slot: student_label(slot, None) for slot in STUDENTS}
-    data = np.load(source)
+    names = names or {slot: student_label(slot, None) for slot in "ab"}
+    with np.load(source) as stored:
+        data = {legacy_column(k): stored[k] for k in stored.files}
     images, labels = data["images"], data["labels"]
     rh, rw = (int(v) for v in data["region"])
     ignore = int(data["ignore_index"])
     count = len(images)
-    grid = tuple(int(v) for v in data["region_grid"]) if "region_grid" in data.files else ()
-    score = f", {data['score']}" if "score" in data.files else ""
-    cols = ("image", "label", f"{names['cnn']} prediction", f"{names['vit']} prediction",
+    grid = tuple(int(v) for v in data["region_grid"]) if "region_grid" in data else ()
+    score = f", {data['score']}" if "score" in data else ""
+    cols = ("image", "label", f"{names['a']} prediction", f"{names['b']} prediction",
             f"pixels ({data['rule']} rule)", f"regions {rh}x{rw}{score}" + (f" on {grid[0]}x{grid[1]}" if grid else ""))
     fig, axes = plt.subplots(count, len(cols), figsize=(2.2 * len(cols), 2.2 * count), squeeze=False)
-    vmax = max(int(labels[labels != ignore].max(initial=0)), int(data["pred_cnn"].max()), int(data["pred_vit"].max()))
+    vmax = max(int(labels[labels != ignore].max(initial=0)), int(data["pred_a"].max()), int(data["pred_b"].max()))
     for i in range(count):
         h, w = labels[i].shape
         region = data["region_direction"][i]
         if region.shape != (h, w):  # one value per region (no training grid recorded)
             region = np.kron(region, np.ones((rh, rw), np.int8))[:h, :w]
         label = np.ma.masked_equal(labels[i], ignore)
-        panels = (images[i], label, data["pred_cnn"][i], data["pred_vit"][i],
+        panels = (images[i], label, data["pred_a"][i], data["pred_b"][i],
                   _direction_rgb(data["pixel_direction"][i]), _direction_rgb(region))
         for j, panel in enumerate(panels):
             ax = axes[i, j]
@@ -194,7 +204,7 @@ def plot_all(runs: pd.DataFrame, out: str) -> dict[str, str]:
         first = group.sort_values("seed").iloc[0]
         safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in method)
         path = plot_overlays(first["run_dir"], os.path.join(out, f"overlays_{safe}.png"),
-                             f"{method} (seed {first['seed']}): red = {names['cnn']} teaches {names['vit']}, "
+                             f"{method} (seed {first['seed']}): red = {names['a']} teaches {names['b']}, "
                              f"blue = the reverse", names)
         if path:
             written[f"overlays_{method}"] = path

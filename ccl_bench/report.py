@@ -1,9 +1,10 @@
 """Aggregate run directories into comparison tables (markdown, CSV, LaTeX) and plots.
 
-Reads only each run's ``metrics.json`` (``{"method", "seed", "step", "miou": {"cnn", "vit", "ensemble"}}``,
-fractions), so runs made by other tools aggregate too. Per method: mIoU of the CNN, the ViT and the ensemble
-as mean ± std over seeds (in %), the difference of the means to the baseline (``independent``), and the
-paired differences over the seeds both have (mean ± std).
+Reads only each run's ``metrics.json`` (``{"method", "seed", "step", "miou": {"a", "b", ..., "ensemble"}}``,
+fractions; the two-student engine's keys ``cnn``/``vit`` read as ``a``/``b``), so runs made by other tools
+aggregate too. Per method: mIoU of every student and the ensemble as mean ± std over seeds (in %), the
+difference of the means to the baseline (``independent``), and the paired differences over the seeds both have
+(mean ± std, paired-t 95% interval). One table holds runs of one set of students.
 """
 from __future__ import annotations
 
@@ -14,10 +15,14 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from .student_names import RESULT_KEYS, SLOT_LETTERS, STUDENTS
+from .student_names import ENSEMBLE, LETTERS, legacy_column, legacy_slot
 
-# each student is named by its slot's letter in the columns and by its model in the table's notes
-STUDENT_COLUMNS = tuple(zip(RESULT_KEYS, (*SLOT_LETTERS.values(), "Ens.")))
+
+def student_columns(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """``[(key, title)]`` of the students in a runs table, then the ensemble: each student is named by its
+    slot's letter in the columns (``A``) and by its model in the table's notes."""
+    keys = [k for k in LETTERS if f"miou_{k}" in frame or f"{k}_mean" in frame]
+    return [(k, k.upper()) for k in keys] + [(ENSEMBLE, "Ens.")]
 ADAPTED = "kdcl"  # methods adapted from classification: marked in every table
 ADAPTED_NOTE = "† KDCL is a classification method; per-pixel KDCL is our adaptation (METHOD.md §6)."
 
@@ -76,15 +81,20 @@ def _row(run: str, m: dict) -> dict:
     for field in ("miou", "train_miou"):
         if field == "train_miou" and field not in m:
             continue
-        values = _field(path, field, m[field], isinstance(m[field], dict), "an object {cnn, vit, ensemble}")
-        for key, _ in STUDENT_COLUMNS:
+        values = _field(path, field, m[field], isinstance(m[field], dict), "an object {a, b, ..., ensemble}")
+        values = {legacy_slot(k): v for k, v in values.items()}
+        keys = [k for k in values if k in LETTERS] + [ENSEMBLE]
+        if len(keys) < 3 or keys[:-1] != list(LETTERS[:len(keys) - 1]):
+            _field(path, field, m[field], False, "an object {a, b, ..., ensemble} with 2 to 8 students")
+        for key in keys:
             value = values.get(key)
             fraction = isinstance(value, (int, float)) and not isinstance(value, bool) and (
                 math.isnan(value) or 0 <= value <= 1)
             row[f"{field}_{key}"] = math.nan if value is None else float(
                 _field(path, f"{field}.{key}", value, fraction, "a fraction in [0, 1] (not %) or null"))
     students = m.get("students") if isinstance(m.get("students"), dict) else {}
-    for slot in STUDENTS:
+    students = {legacy_slot(k): v for k, v in students.items()}
+    for slot in keys[:-1]:
         row[f"model_{slot}"] = students.get(slot)
     ramp = m.get("distill_ramp", 0.0)
     row["distill_ramp"] = float(_field(path, "distill_ramp", ramp, isinstance(ramp, (int, float)) and not
@@ -93,7 +103,7 @@ def _row(run: str, m: dict) -> dict:
 
 
 def load_runs(paths: Iterable[str], complete_only: bool = False) -> pd.DataFrame:
-    """One row per run: method, seed, step, complete, miou_cnn, miou_vit, miou_ensemble, run_dir."""
+    """One row per run: method, seed, step, complete, miou_a, miou_b, ..., miou_ensemble, run_dir."""
     rows, seen = [], {}
     for run in find_runs(paths):
         row = _row(run, _read_metrics(run))
@@ -103,26 +113,32 @@ def load_runs(paths: Iterable[str], complete_only: bool = False) -> pd.DataFrame
                              f"{key[1]}; expected one run per method and seed (report the folders separately)")
         seen[key] = run
         rows.append(row)
-    columns = (["method", "seed", "step", "complete"] + [f"{f}_{k}" for f in ("miou", "train_miou")
-                                                        for k, _ in STUDENT_COLUMNS]
-               + [f"model_{slot}" for slot in STUDENTS] + ["distill_ramp", "run_dir"])
+    counts = {sum(1 for k in row if k.startswith("miou_")) - 1 for row in rows}
+    if len(counts) > 1:
+        raise ValueError(f"report: the runs have {' and '.join(map(str, sorted(counts)))} students; expected one "
+                         f"set of students per table (report them separately)")
+    slots = LETTERS[:counts.pop()] if rows else "ab"
+    columns = (["method", "seed", "step", "complete"]
+               + [f"{f}_{k}" for f in ("miou", "train_miou") for k in (*slots, ENSEMBLE)]
+               + [f"model_{slot}" for slot in slots] + ["distill_ramp", "run_dir"])
     df = pd.DataFrame(rows, columns=columns)
     if complete_only:
         df = df[df["complete"]]
-    for slot in STUDENTS:  # one table compares one pair of students
+    for slot in slots:  # one table compares one set of students
         models = df[f"model_{slot}"].dropna().unique()
         if len(models) > 1:
-            raise ValueError(f"report: the runs put different students in slot {SLOT_LETTERS[slot]} "
-                             f"({', '.join(sorted(models))}); expected one pair per table (report them separately)")
+            raise ValueError(f"report: the runs put different students in slot {slot.upper()} "
+                             f"({', '.join(sorted(models))}); expected one set of students per table (report them "
+                             f"separately)")
     return df
 
 
 def student_note(df: pd.DataFrame) -> str:
-    """``A = <model>, B = <model>`` for the table's notes."""
+    """``A = <model>, B = <model>, ...`` for the table's notes."""
     parts = []
-    for slot in STUDENTS:
+    for slot, title in student_columns(df)[:-1]:
         models = df[f"model_{slot}"].dropna().unique() if f"model_{slot}" in df else []
-        parts.append(f"{SLOT_LETTERS[slot]} = {models[0] if len(models) else 'unknown'}")
+        parts.append(f"{title} = {models[0] if len(models) else 'unknown'}")
     return "Students: " + ", ".join(parts) + "; Ens. = the mean of their probabilities."
 
 
@@ -150,8 +166,9 @@ def _check_csv(path: str) -> None:
         raise ValueError(f"{path}: expected a 'step' column of distinct numbers (a log written by ccl-bench train)")
     from .plots import SHARES
 
-    plotted = {"loss", "ce_a", "ce_b"} | {col for col, _ in SHARES}
-    text = [c for c in frame if (c in plotted or c.startswith("miou_")) and not pd.api.types.is_numeric_dtype(frame[c])]
+    plotted = {"loss"} | {col for col, _ in SHARES}
+    text = [c for c in frame if (c in plotted or c.startswith(("miou_", "ce_")))
+            and not pd.api.types.is_numeric_dtype(frame[c])]
     if text:
         raise ValueError(f"{path}: columns {text} hold non-numbers; expected numeric logs")
 
@@ -170,13 +187,14 @@ def check_plot_inputs(df: pd.DataFrame) -> None:
             raise ValueError(f"{run}/metrics.json: history is not a list of {{step, miou_...}} rows")
         source = os.path.join(run, "overlays.npz")
         if os.path.isfile(source):
-            needed = ("images", "labels", "pred_cnn", "pred_vit", "pixel_direction", "region_direction",
+            needed = ("images", "labels", "pred_a", "pred_b", "pixel_direction", "region_direction",
                       "region", "ignore_index", "rule")
             try:
                 with np.load(source) as data:
-                    absent = [k for k in needed if k not in data.files]
+                    files = {legacy_column(k): k for k in data.files}  # pred_cnn, pred_vit: pred_a, pred_b
+                    absent = [k for k in needed if k not in files]
                     if not absent:
-                        [data[k] for k in needed]  # decodes every array: a truncated file fails here
+                        [data[files[k]] for k in needed]  # decodes every array: a truncated file fails here
             except Exception as exc:
                 raise ValueError(f"{source}: not a readable overlays file ({' '.join(str(exc).split())})") from None
             if absent:
@@ -193,13 +211,14 @@ def _order(methods: Sequence[str], baseline: str, order: Sequence[str] = ()) -> 
 def summarize(df: pd.DataFrame, baseline: str = "independent", order: Sequence[str] = ()) -> pd.DataFrame:
     """Numeric summary (fractions): per method and student, mean, std, n, delta and the paired differences."""
     out = []
+    columns = student_columns(df)
     base = df[df["method"] == baseline].set_index("seed")
     for method in _order(df["method"], baseline, order):
         runs = df[df["method"] == method].set_index("seed").sort_index()
         row = {"method": method, "seeds": len(runs), "seed_list": ",".join(map(str, runs.index))}
         ramps = sorted(runs["distill_ramp"].unique()) if "distill_ramp" in runs else []
         row["distill_ramp"] = ",".join(f"{r:g}" for r in ramps)
-        for key, _ in STUDENT_COLUMNS:
+        for key, _ in columns:
             col = runs[f"miou_{key}"]
             row[f"{key}_mean"] = col.mean()
             row[f"{key}_std"] = col.std(ddof=1) if len(col) > 1 else math.nan
@@ -234,19 +253,20 @@ def _signed(value: float, std: float = math.nan) -> str:
 def display_table(summary: pd.DataFrame, baseline: str = "independent") -> pd.DataFrame:
     """The table as strings, mIoU in %: mean ± std, Δ vs the baseline, paired Δ (mean ± std over seeds)."""
     rows = []
+    columns = student_columns(summary)
     for _, r in summary.iterrows():
         name = r["method"] + (" †" if r["method"].startswith(ADAPTED) else "")
         row = {"Method": name, "Seeds": int(r["seeds"])}
-        for key, title in STUDENT_COLUMNS:
+        for key, title in columns:
             row[f"{title} mIoU"] = _pm(r[f"{key}_mean"], r[f"{key}_std"])
-        for key, title in STUDENT_COLUMNS:
+        for key, title in columns:
             row[f"Δ{title}"] = _signed(r.get(f"{key}_delta", math.nan))
-        for key, title in STUDENT_COLUMNS:
+        for key, title in columns:
             row[f"paired Δ{title}"] = _signed(r.get(f"{key}_paired_mean", math.nan), r.get(f"{key}_paired_std", math.nan))
-        for key, title in STUDENT_COLUMNS:
+        for key, title in columns:
             row[f"95% CI Δ{title}"] = _interval(r.get(f"{key}_ci_low", math.nan), r.get(f"{key}_ci_high", math.nan))
         if summary.filter(like="_train_mean").notna().any().any():
-            for key, title in STUDENT_COLUMNS:
+            for key, title in columns:
                 row[f"{title} train mIoU"] = _pm(r.get(f"{key}_train_mean", math.nan), math.nan)
         if any(ramp not in ("", "0") for ramp in summary.get("distill_ramp", ())):  # some method ramps
             row["ramp"] = r["distill_ramp"]

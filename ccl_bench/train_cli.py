@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .student_names import STUDENTS
+from .student_names import ENSEMBLE, student_label
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
@@ -172,9 +172,10 @@ def cmd_train(args) -> int:
         _check_data([config])
         metrics = run_training(config, args.out, resume=args.resume, overwrite=args.overwrite)
         if "miou" in metrics and int(os.environ.get("RANK", "0")) == 0:
-            m = metrics["miou"]
-            print(f"{metrics['method']} seed {metrics['seed']} step {metrics['step']}: mIoU cnn {m['cnn']:.4f} "
-                  f"vit {m['vit']:.4f} ensemble {m['ensemble']:.4f} -> {os.path.join(args.out, 'metrics.json')}")
+            scores = ", ".join(f"{student_label(k, metrics['students'].get(k)) if k != ENSEMBLE else k} {v:.4f}"
+                               for k, v in metrics["miou"].items())
+            print(f"{metrics['method']} seed {metrics['seed']} step {metrics['step']}: mIoU {scores} -> "
+                  f"{os.path.join(args.out, 'metrics.json')}")
     return _guarded("train", run)
 
 
@@ -414,7 +415,7 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser("export", help="write one student of a run as a plain state dict")
     p.add_argument("checkpoint", help="run directory or checkpoint file")
-    p.add_argument("--student", required=True, choices=STUDENTS)
+    p.add_argument("--student", required=True, help="the student's slot: a, b, ... (cnn and vit name a and b)")
     p.add_argument("--out", required=True, help="output .pt file")
     p.set_defaults(func=cmd_export)
 

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..student_names import STUDENTS
+from ..student_names import MAX_STUDENTS, student_label
 from .options import check_options, signature_options
 
 # keys whose default is null: the type a value must have when it is set
@@ -309,12 +309,85 @@ def _student_chain(path: str, name: str) -> list:
             (create_encoder, ("backbone",))]
 
 
-def _check_students(students: dict) -> None:
-    for key in STUDENTS:
-        name = students[key]["name"]
-        chain = _student_chain(f"students.{key}.name", name)
+LEGACY_KEYS = ("cnn", "vit")  # the two-student configs' sections: students.cnn/vit, optim.cnn/vit
+ENTRY_KEYS = ("name", "options", "optim", "family")
+FAMILIES = ("cnn", "vit")
+# timm backbones whose name starts so are transformers (the family decides a list entry's default optimizer
+# and CCL's default HFD pairs); an entry's `family` overrides the guess
+TRANSFORMER_PREFIXES = ("pvt", "vit", "deit", "swin", "twins", "mit", "beit", "eva", "cait", "xcit", "levit")
+LEGACY_NOTE = ("students: the two-student keys students.cnn/students.vit and optim.cnn/optim.vit mapped onto "
+               "students[0] (A) and students[1] (B)")
+
+
+def student_family(name: str) -> str:
+    """``"vit"`` for a student on a transformer backbone (by its timm name), else ``"cnn"``."""
+    backbone = name.partition("_")[2]
+    return "vit" if backbone.startswith(TRANSFORMER_PREFIXES) else "cnn"
+
+
+def _check_optim(where: str, optim: Any) -> None:
+    """A student's optimizer section, checked with the rules of ``optim.cnn`` (errors name ``where``)."""
+    try:
+        _check_keys({"optim": {"cnn": optim}})
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("optim.cnn", where)) from None
+
+
+def normalize_students(config: dict) -> dict:
+    """The config with ``students`` as a list of ``{name, family, options, optim}`` (2 to 8 entries) and
+    ``optim`` holding ``grad_clip`` only. The two-student form (``students.cnn``/``vit`` with ``optim.cnn``/
+    ``vit``) maps onto entries 0 and 1 (``legacy_students: true`` says so); a list entry without its
+    own ``optim`` takes the ``optim`` section of its family (``optim.cnn`` or ``optim.vit``, the preset's),
+    updated by the entry's own keys."""
+    students, optim = config["students"], config["optim"]
+    legacy = isinstance(students, dict)
+    if legacy:
+        extra = sorted(set(students) - set(LEGACY_KEYS))
+        if extra:
+            raise _unknown_key(f"students.{extra[0]}", dict(_flatten(_defaults(), _defaults())))
+        entries = [{**students[k], "optim": optim[k]} for k in LEGACY_KEYS]
+    elif isinstance(students, list):
+        entries = students
+    else:
+        raise ConfigError(f"students={students!r}; expected a list of 2 to {MAX_STUDENTS} students "
+                          f"({{name: ..., options: ..., optim: ...}}) or the two-student mapping cnn/vit")
+    if not 2 <= len(entries) <= MAX_STUDENTS:
+        raise ConfigError(f"students: {len(entries)} given; expected 2 to {MAX_STUDENTS}")
+    resolved = []
+    for i, entry in enumerate(entries):
+        where = f"students[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{where}={entry!r}; expected a mapping with a name, e.g. "
+                              f"{{name: deeplabv3plus_resnet18, options: {{}}}}")
+        unknown = sorted(set(entry) - set(ENTRY_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(ENTRY_KEYS)}")
+        family = entry.get("family") or student_family(entry["name"])
+        if family not in FAMILIES:
+            raise ConfigError(f"{where}.family={family!r}; expected one of {list(FAMILIES)}")
+        options = entry.get("options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}.options={options!r}; expected a mapping of build_student options")
+        own = entry.get("optim") or {}
+        if not isinstance(own, dict):
+            raise ConfigError(f"{where}.optim={own!r}; expected a mapping like optim.{family}")
+        _check_optim(f"{where}.optim", own)
+        resolved.append({"name": entry["name"], "family": family, "options": options,
+                         "optim": own if legacy else merge(optim[family], own)})
+    out = dict(config)
+    out["students"] = resolved
+    out["optim"] = {"grad_clip": optim["grad_clip"]}
+    out["legacy_students"] = legacy or bool(config.get("legacy_students"))  # kept when a resumed run reloads
+    return out
+
+
+def _check_students(students: list) -> None:
+    for i, student in enumerate(students):
+        name = student["name"]
+        chain = _student_chain(f"students[{i}].name", name)
         valid, open_ended = signature_options(chain)
-        check_options(f"students.{key}.options", f"student {name!r}", students[key]["options"], valid, open_ended)
+        check_options(f"students[{i}].options", f"student {student_label('abcdefgh'[i], name)!r}",
+                      student["options"], valid, open_ended)
 
 
 def _load_plugins(plugins: list[str]) -> list[str]:
@@ -351,8 +424,12 @@ def _check_methods(config: dict) -> None:
 
 def validate(config: dict) -> dict:
     """Check every value; return the config with the chosen method's options resolved (all of them)."""
-    _check_keys(config)
+    students = config.get("students")
+    _check_keys({**config, "students": {}} if isinstance(students, list) else config)
     config = merge(defaults(), config)  # a section reset by null in a file was filled in by merge; be sure
+    if isinstance(students, list):
+        config["students"] = students  # merge does not descend into lists
+    config = normalize_students(config)
     _check_data(config["data"])
     _check_students(config["students"])
     config["plugins"] = _load_plugins(config["plugins"])  # before the methods: a plugin's method names validate

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..student_names import STUDENTS
+from ..student_names import MAX_STUDENTS, legacy_slot, slots
 
 FORMAT = "ccl-bench-checkpoint"
 VERSION = 1
@@ -80,21 +80,28 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} lacks {missing}; it is incomplete")
-    if not isinstance(state["students"], dict) or set(state["students"]) != set(STUDENTS):
-        raise CheckpointError(f"checkpoint {path!r}: 'students' must hold {' and '.join(map(repr, STUDENTS))} "
-                              f"state dicts")
+    if not isinstance(state["students"], dict) or not 2 <= len(state["students"]) <= MAX_STUDENTS:
+        raise CheckpointError(f"checkpoint {path!r}: 'students' must hold 2 to {MAX_STUDENTS} state dicts by "
+                              f"slot ('a', 'b', ...)")
+    for key in ("students", "optimizers", "schedulers"):  # the two-student engine's slot keys cnn, vit
+        if isinstance(state.get(key), dict):
+            state[key] = {legacy_slot(k): v for k, v in state[key].items()}
+    if list(state["students"]) != list(slots(len(state["students"]))):
+        raise CheckpointError(f"checkpoint {path!r}: 'students' holds {sorted(state['students'])}; expected the "
+                              f"slots {list(slots(len(state['students'])))}")
     return state
 
 
 def export_student(checkpoint: str, student: str, out: str) -> str:
     """Write one student of a training checkpoint (or of a run directory's last checkpoint) as a plain state
     dict, loadable by ``build_student(name, num_classes, checkpoint=out)``. Returns ``out``."""
-    if student not in STUDENTS:
-        raise ValueError(f"student={student!r}; expected one of {list(STUDENTS)}")
     if os.path.isdir(checkpoint):
         checkpoint = os.path.join(checkpoint, "checkpoints", "last.pt")
     state = load_checkpoint(checkpoint)
-    weights = state["students"][student]
+    slot = legacy_slot(student.lower())
+    if slot not in state["students"]:
+        raise ValueError(f"student={student!r}; expected one of {list(state['students'])} (the run's slots)")
+    weights = state["students"][slot]
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     torch.save(weights, out)
     return out

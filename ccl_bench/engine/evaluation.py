@@ -1,4 +1,4 @@
-"""Evaluation of both students and their ensemble on the validation set, the overlays of the last evaluation,
+"""Evaluation of every student and their ensemble on the validation set, the overlays of the last evaluation,
 and the summaries the run writes (``evals.csv`` rows, ``metrics.json``)."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ccl_ops import to_label_size
 from ccl_ops.reference import selection_masks
 
 from ..metrics import StudentMetrics
-from ..student_names import RESULT_KEYS
+from ..student_names import slots
 from . import distributed
 
 
@@ -27,12 +27,12 @@ def evaluate_students(students: Sequence[nn.Module], loader: DataLoader, *, num_
                       device: torch.device, dist: distributed.DistInfo,
                       autocast: Callable[[], AbstractContextManager], overlays: int = 0,
                       progress: str | None = None) -> tuple[dict, list[tuple]]:
-    """Metrics of both students and their ensemble over ``loader`` (this rank's share; summed over the ranks),
-    and, on rank 0, the first ``overlays`` images with labels and both students' logits (CPU). ``progress`` is
+    """Metrics of every student and their ensemble over ``loader`` (this rank's share; summed over the ranks),
+    and, on rank 0, the first ``overlays`` images with labels and the students' logits (CPU). ``progress`` is
     the label of a tqdm bar (none when None). The students are back in training mode afterwards."""
     from tqdm.auto import tqdm
 
-    meters = StudentMetrics(num_classes, ignore_index, device)
+    meters = StudentMetrics(num_classes, ignore_index, device, students=len(students))
     distributed.broadcast_buffers(students, dist)
     for m in students:
         m.eval()
@@ -40,11 +40,10 @@ def evaluate_students(students: Sequence[nn.Module], loader: DataLoader, *, num_
     for x, y in tqdm(loader, desc=progress, leave=False, unit="batch", disable=progress is None):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
-            za = to_label_size(students[0](x), y).float()
-            zb = to_label_size(students[1](x), y).float()
-        meters.update(za, zb, y)
+            logits = [to_label_size(m(x), y).float() for m in students]
+        meters.update(logits, y)
         if dist.is_main and sum(len(k[0]) for k in kept) < overlays:
-            kept.append((x.cpu(), y.cpu(), za.cpu(), zb.cpu()))
+            kept.append((x.cpu(), y.cpu(), *(z.cpu() for z in logits)))
     for m in students:
         m.train()
     return meters.compute(), kept
@@ -53,11 +52,13 @@ def evaluate_students(students: Sequence[nn.Module], loader: DataLoader, *, num_
 def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: dict, ignore_index: int,
                   mean: Sequence[float] | None, std: Sequence[float] | None, step: int,
                   region_grid: tuple[int, int] | None = None) -> None:
-    """Validation images (de-normalised with ``mean``/``std``) with both predictions and who-teaches-where maps
-    (pixels and regions, with the method's rule, region size and score where it has them) as ``path`` (.npz).
+    """Validation images (de-normalised with ``mean``/``std``) with every student's prediction (``pred_a``,
+    ``pred_b``, ...) and the who-teaches-where maps between A and B (pixels and regions, with the method's rule,
+    region size and score where it has them) as ``path`` (.npz).
     With ``region_grid`` (the feature grid region-wise BSD trained on) the region map is the mask training used,
     resized to that grid by nearest neighbour, and stored at the label resolution; else one value per region."""
-    x, y, za, zb = (torch.cat(parts)[:count] for parts in zip(*kept))
+    x, y, *logits = (torch.cat(parts)[:count] for parts in zip(*kept))
+    za, zb = logits[:2]
     rule = method_options.get("rule", "correct")
     rule = "correct" if rule == "all" else rule
     region = tuple(method_options.get("region", (16, 16)))
@@ -75,25 +76,25 @@ def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: d
     images = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     np.savez_compressed(
         path, images=images.numpy(), labels=y.numpy(),
-        pred_cnn=za.argmax(1).numpy(), pred_vit=zb.argmax(1).numpy(),
+        **{f"pred_{slot}": z.argmax(1).numpy() for slot, z in zip(slots(len(logits)), logits)},
         pixel_direction=(m_ab.to(torch.int8) - m_ba.to(torch.int8)).numpy(), region_direction=regions.numpy(),
         region=np.array(region), region_grid=np.array(region_grid or ()), score=np.array(score),
         rule=np.array(rule), step=np.array(step), ignore_index=np.array(ignore_index))
 
 
 def eval_row(step: int, result: dict, train_result: dict | None = None) -> dict:
-    """One row of ``evals.csv``: the step, then mIoU and pixel accuracy of the CNN, the ViT and the ensemble on
+    """One row of ``evals.csv``: the step, then mIoU and pixel accuracy of every student and the ensemble on
     the validation set, and their mIoU on the fixed training subset (``train_miou_*``) when it is evaluated."""
-    row = {"step": step, **{f"miou_{k}": result[k]["miou"] for k in RESULT_KEYS},
-           **{f"acc_{k}": result[k]["pixel_acc"] for k in RESULT_KEYS}}
+    row = {"step": step, **{f"miou_{k}": r["miou"] for k, r in result.items()},
+           **{f"acc_{k}": r["pixel_acc"] for k, r in result.items()}}
     if train_result is not None:
-        row.update({f"train_miou_{k}": train_result[k]["miou"] for k in RESULT_KEYS})
+        row.update({f"train_miou_{k}": r["miou"] for k, r in train_result.items()})
     return row
 
 
 def result_summary(result: dict, class_names: Sequence[str]) -> dict:
     """The evaluation's part of ``metrics.json`` (NaN per-class IoU, a class absent everywhere, as null)."""
-    return {"miou": {k: result[k]["miou"] for k in RESULT_KEYS},
-            "pixel_acc": {k: result[k]["pixel_acc"] for k in RESULT_KEYS},
-            "iou": {k: [None if math.isnan(v) else v for v in result[k]["iou"].tolist()] for k in RESULT_KEYS},
+    return {"miou": {k: r["miou"] for k, r in result.items()},
+            "pixel_acc": {k: r["pixel_acc"] for k, r in result.items()},
+            "iou": {k: [None if math.isnan(v) else v for v in r["iou"].tolist()] for k, r in result.items()},
             "class_names": list(class_names)}

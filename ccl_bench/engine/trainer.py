@@ -24,7 +24,7 @@ from ..data import build_dataset
 from ..methods import StudentOutput, build_method
 from ..methods.base import CE_TERMS
 from ..models import build_student
-from ..student_names import RESULT_KEYS, STUDENTS, student_labels
+from ..student_names import result_keys, slots, student_labels
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluation import eval_row, evaluate_students, result_summary, save_overlays
@@ -105,23 +105,27 @@ class Trainer:
 
     def _build_models(self) -> None:
         cfg = self.config
+        self.slots = slots(len(cfg["students"]))
+        self.result_keys = result_keys(len(self.slots))
         students = []
-        for offset, key in enumerate(STUDENTS):  # the same init for a seed, whatever the method
-            torch.manual_seed(self.seed * 1000 + offset)
-            s = cfg["students"][key]
+        for index, s in enumerate(cfg["students"]):  # the same init for a seed, whatever the method
+            # A and B keep the two-student engine's streams (offsets 0 and 1; 2 and 3 are the method's and the
+            # training's below); students C, D, ... draw from offsets 100 + index
+            torch.manual_seed(self.seed * 1000 + (index if index < 2 else 100 + index))
             students.append(build_student(s["name"], self.num_classes, **s["options"]))
         if self.dist.enabled and cfg["train"]["sync_bn"]:
             students = [torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in students]
         self.students = [m.to(self.device).train() for m in students]
         torch.manual_seed(self.seed * 1000 + 2)
         self.method = build_method(cfg["method"], tuple(self.students), self.num_classes, self.ignore_index,
+                                   families=[s["family"] for s in cfg["students"]],
                                    **config_mod.method_options(cfg)).to(self.device).train()
         self.optimizers, self.schedulers = [], []
         total = cfg["train"]["iters"]
-        for model, key in zip(self.students, STUDENTS):
-            opt = build_optimizer(model.parameters(), cfg["optim"][key], self.method.student_parameters(key))
+        for model, slot, s in zip(self.students, self.slots, cfg["students"]):
+            opt = build_optimizer(model.parameters(), s["optim"], self.method.student_parameters(slot))
             self.optimizers.append(opt)
-            self.schedulers.append(build_scheduler(opt, cfg["optim"][key], total))
+            self.schedulers.append(build_scheduler(opt, s["optim"], total))
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.nets = [DistributedDataParallel(m, device_ids=ids) for m in self.students]
@@ -142,6 +146,11 @@ class Trainer:
         # the validation set so that overfitting is measured, not assumed
         order = torch.randperm(len(self.train_indices), generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.train_eval_indices = sorted(self.train_indices[i] for i in order[:d["train_eval_images"]])
+
+    @property
+    def models(self) -> dict[str, str]:
+        """``{slot: model name}`` of the students."""
+        return {slot: s["name"] for slot, s in zip(self.slots, self.config["students"])}
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -165,11 +174,13 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------------------------
     def forward_losses(self, x: torch.Tensor, y: torch.Tensor):
-        xa, xb = self.method.views(x)
+        views = self.method.views(x)
         with self.autocast():
-            za, fa = self.nets[0](xa, return_features=True)
-            zb, fb = self.nets[1](xb, return_features=True)
-            out = self.method(StudentOutput(to_label_size(za, y), fa), StudentOutput(to_label_size(zb, y), fb), y)
+            outs = []
+            for net, view in zip(self.nets, views):
+                z, f = net(view, return_features=True)
+                outs.append(StudentOutput(to_label_size(z, y), f))
+            out = self.method(outs, y)
         ramp = self.config["train"]["distill_ramp"]
         if ramp > 0:  # METHOD §8: the same weight on every method's non-CE terms
             weight = distill_weight(self.step, ramp, self.config["train"]["iters"])
@@ -215,7 +226,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, overlays: int = 0) -> dict:
-        """Metrics of both students and their ensemble on the validation set; the first ``overlays`` images to
+        """Metrics of every student and their ensemble on the validation set; the first ``overlays`` images to
         ``overlays.npz``."""
         d = self.config["data"]
         n = len(self.val_set) if d["val_limit"] is None else min(d["val_limit"], len(self.val_set))
@@ -256,10 +267,10 @@ class Trainer:
             "step": self.step,
             "label": self.label,
             "config": self.config,
-            "students": {k: m.state_dict() for k, m in zip(STUDENTS, self.students)},
+            "students": {k: m.state_dict() for k, m in zip(self.slots, self.students)},
             "method": self.method.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in zip(STUDENTS, self.optimizers)},
-            "schedulers": {k: s.state_dict() for k, s in zip(STUDENTS, self.schedulers)},
+            "optimizers": {k: o.state_dict() for k, o in zip(self.slots, self.optimizers)},
+            "schedulers": {k: s.state_dict() for k, s in zip(self.slots, self.schedulers)},
             "scaler": self.scaler.state_dict(),
             "rng": {str(r): s for r, s in enumerate(states)},
             "history": self.history,
@@ -271,10 +282,10 @@ class Trainer:
 
         state = load_checkpoint(path, map_location=self.device)
         try:
-            for key, model in zip(STUDENTS, self.students):
+            for key, model in zip(self.slots, self.students):
                 model.load_state_dict(state["students"][key])
             self.method.load_state_dict(state["method"])
-            for key, opt, sched in zip(STUDENTS, self.optimizers, self.schedulers):
+            for key, opt, sched in zip(self.slots, self.optimizers, self.schedulers):
                 opt.load_state_dict(state["optimizers"][key])
                 sched.load_state_dict(state["schedulers"][key])
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -318,8 +329,10 @@ class Trainer:
         previous = self._install_signals()
         bar = tqdm(total=iters, initial=self.step, desc=f"train {self.label} s{self.seed}", unit="it",
                    disable=not (self.dist.is_main and cfg["progress"]), dynamic_ncols=True)
-        names = student_labels(self.config["students"])
-        self.say(f"{self.label} seed {self.seed}: students {names['cnn']} and {names['vit']}; steps {self.step}->{iters}, "
+        names = student_labels(self.models)
+        if self.config["legacy_students"]:
+            self.say(config_mod.LEGACY_NOTE)
+        self.say(f"{self.label} seed {self.seed}: students {', '.join(names.values())}; steps {self.step}->{iters}, "
                  f"{len(self.train_indices)} training images"
                  + (f" ({len(self.train_set) - len(self.train_indices)} held out)" if self.holdout else "") + ", "
                  + (f"distillation ramp-up over {cfg['distill_ramp']:g} of the steps, " if cfg["distill_ramp"] else "")
@@ -339,8 +352,7 @@ class Trainer:
                     row = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
                            "loss": total.item(), **{k: v.item() for k, v in out.terms.items()},
                            **{k: float(v) for k, v in out.stats.items()},
-                           "lr_cnn": self.schedulers[0].get_last_lr()[0],
-                           "lr_vit": self.schedulers[1].get_last_lr()[0]}
+                           **{f"lr_{k}": s.get_last_lr()[0] for k, s in zip(self.slots, self.schedulers)}}
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                     if main:
                         steps_log.write(row)
@@ -356,10 +368,8 @@ class Trainer:
                         evals_log.write(row)
                         write_metrics(self.run_dir, metrics)
                     board.scalars("val", row, self.step)
-                    names = student_labels(self.config["students"])
-                    bar.write(f"[{self.label} s{self.seed}] step {self.step}: mIoU {names['cnn']} "
-                              f"{row['miou_cnn']:.4f}, {names['vit']} {row['miou_vit']:.4f}, ensemble "
-                              f"{row['miou_ensemble']:.4f}") \
+                    bar.write(f"[{self.label} s{self.seed}] step {self.step}: mIoU " + ", ".join(
+                        f"{names.get(k, k)} {row[f'miou_{k}']:.4f}" for k in self.result_keys)) \
                         if self.dist.is_main and cfg["progress"] else None
                     tick = time.perf_counter()
                 if self.step % cfg["checkpoint_interval"] == 0 or last:
@@ -390,13 +400,13 @@ class Trainer:
              "distill_ramp": self.config["train"]["distill_ramp"],
              "train_images": len(self.train_indices), "holdout_images": len(self.train_set) - len(self.train_indices),
              "preset": self.config.get("preset"), "dataset": self.config["data"]["dataset"],
-             "students": {k: self.config["students"][k]["name"] for k in STUDENTS},
+             "students": self.models,
              "world_size": self.dist.world_size, "device": str(self.device), "train_seconds": self.elapsed,
              "history": self.history}
         if result is not None:
             d.update(result_summary(result, self.class_names))
         if train_result is not None:
-            d["train_miou"] = {k: train_result[k]["miou"] for k in RESULT_KEYS}
+            d["train_miou"] = {k: train_result[k]["miou"] for k in self.result_keys}
             d["train_eval_images"] = len(self.train_eval_indices)
         return d
 

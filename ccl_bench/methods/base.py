@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..student_names import LETTERS, slots
+
 
 HOLDOUT_NEEDED = ("method {name!r} estimates its ensemble weights on a held-out slice of the training set, and "
                   "data.holdout is 0; set a fraction, e.g. --set data.holdout=0.1 (METHOD.md §6: the slice is removed "
                   "from the training set of every method of a comparison, so set it for all of them)")
-CE_TERMS = ("ce_a", "ce_b")  # the loss terms that are the students' own supervised losses (never ramped)
+CE_TERMS = tuple(f"ce_{slot}" for slot in LETTERS)  # the students' own supervised losses (never ramped)
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,11 @@ class MethodOutput:
 class Method(nn.Module):
     """Base class. Subclasses set ``name``, ``defaults`` (their options) and implement :meth:`losses`.
 
-    ``students`` are kept as plain references (not sub-modules), so the method's state dict holds only its own
-    parameters and buffers.
+    A two-student method implements ``losses(self, out_a, out_b, y)``; a method that takes any number of
+    students sets ``students_range = (2, 8)`` and implements ``losses(self, *outs, y)`` (the engine passes
+    ``y`` by keyword, so both forms are called the same way). ``students`` are kept as plain references (not
+    sub-modules), so the method's state dict holds only its own parameters and buffers; ``families`` says
+    which are CNNs and which ViTs (``"cnn"``/``"vit"``, in the students' order).
     """
 
     name: ClassVar[str] = "method"
@@ -56,30 +61,42 @@ class Method(nn.Module):
     # whether the method estimates something on the held-out slice of the training set (``data.holdout``), which
     # the data configuration removes from the training of every method of a comparison (METHOD.md §6)
     needs_holdout: ClassVar[bool] = False
+    # how many students the method takes (inclusive): the two-student form by default
+    students_range: ClassVar[tuple[int, int]] = (2, 2)
     # the method's own knobs and their ranges, what ``ccl-bench tune`` searches (equal trial budget per method)
     search_space: ClassVar[dict[str, Knob]] = {}
 
-    def __init__(self, students: tuple[nn.Module, nn.Module], num_classes: int, ignore_index: int = 255,
-                 **options):
+    def __init__(self, students: Sequence[nn.Module], num_classes: int, ignore_index: int = 255,
+                 families: Sequence[str] | None = None, **options):
         super().__init__()
+        low, high = self.students_range
+        if not low <= len(students) <= high:
+            raise ValueError(f"method {self.name!r} takes {low if low == high else f'{low} to {high}'} students; "
+                             f"the config has {len(students)}")
         self.options = resolve_options(type(self), options)
         self._students = tuple(students)
+        self.slots = slots(len(students))
+        if families is None and len(students) > 2:
+            raise ValueError(f"method {self.name!r}: {len(students)} students need their families ('cnn' or 'vit' "
+                             f"each, in order)")
+        self.families = tuple(families) if families is not None else ("cnn", "vit")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
 
     # -- what the engine calls -------------------------------------------------------------------------------
-    def forward(self, out_a: StudentOutput, out_b: StudentOutput, y: torch.Tensor) -> MethodOutput:
-        return self.losses(out_a, out_b, y)
+    def forward(self, outs: Sequence[StudentOutput], y: torch.Tensor) -> MethodOutput:
+        return self.losses(*outs, y=y)
 
     def losses(self, out_a: StudentOutput, out_b: StudentOutput, y: torch.Tensor) -> MethodOutput:
         raise NotImplementedError
 
-    def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images student A and student B see (the same by default)."""
-        return x, x
+    def views(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The images each student sees (the same by default)."""
+        return (x,) * len(self._students)
 
-    def student_parameters(self, student: str) -> list[nn.Parameter]:
-        """This method's parameters that the optimizer of ``student`` (one of :data:`ccl_bench.student_names.STUDENTS`) updates."""
+    def student_parameters(self, slot: str) -> list[nn.Parameter]:
+        """This method's parameters that the optimizer of the student in ``slot`` (``"a"``, ``"b"``, ...)
+        updates."""
         return []
 
     def on_epoch_start(self, epoch: int, holdout: Any | None) -> None:
@@ -88,8 +105,11 @@ class Method(nn.Module):
         sums a CPU tensor over the ranks."""
 
     # -- shared pieces ----------------------------------------------------------------------------------------
-    def ce_terms(self, out_a: StudentOutput, out_b: StudentOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {key: self.cross_entropy(out.logits, y) for key, out in zip(CE_TERMS, (out_a, out_b))}
+    def ce_terms(self, *outs: StudentOutput, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``ce_a``, ``ce_b``, ...: each student's own CE (``ce_terms(out_a, out_b, y)`` as before works too)."""
+        if y is None:
+            *outs, y = outs
+        return {key: self.cross_entropy(out.logits, y) for key, out in zip(CE_TERMS, outs)}
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean CE over the valid pixels, 0 (not NaN) when a batch has none (METHOD.md §5, like the ops)."""

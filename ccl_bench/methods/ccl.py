@@ -8,7 +8,6 @@ from torch import nn
 from ccl_ops import NORMALIZATIONS, RULES, SCORES, PixelBSDLoss, RegionBSDLoss, resize_bilinear
 
 from ..models import run_stage
-from ..student_names import STUDENTS
 from .base import Knob, Method, MethodOutput, StudentOutput, share
 from .registry import register
 
@@ -51,8 +50,8 @@ class CCL(Method):
         if o["pbsd"]:
             self.pbsd = PixelBSDLoss(o["temperature"], o["rule"], o["normalize"], ignore_index=ignore_index)
 
-    def student_parameters(self, student: str) -> list[nn.Parameter]:
-        a = STUDENTS.index(student) == 0  # student A (the CNN) owns gamma_a and proj_a
+    def student_parameters(self, slot: str) -> list[nn.Parameter]:
+        a = slot == "a"  # student A owns gamma_a and proj_a
         params = []
         if self.options["hfd"]:
             params += list((self.gamma_a if a else self.gamma_b).parameters())

@@ -13,6 +13,7 @@ import sys
 import types
 from typing import Any
 
+from ..student_names import MAX_STUDENTS
 from .base import Knob, Method
 
 METHODS: dict[str, type] = {}
@@ -77,6 +78,10 @@ def _check(cls) -> None:
         if not isinstance(allowed, (list, tuple)) or defaults[key] not in allowed:
             fail(f"defaults[{key!r}]={defaults[key]!r}, choices[{key!r}]={allowed!r}; expected a list of "
                  f"allowed values holding the default")
+    span = cls.students_range
+    if not (isinstance(span, tuple) and len(span) == 2 and all(isinstance(v, int) for v in span)
+            and 2 <= span[0] <= span[1] <= MAX_STUDENTS):
+        fail(f"students_range={span!r}; expected (low, high) with 2 <= low <= high <= {MAX_STUDENTS}")
     space = cls.search_space
     if not isinstance(space, dict):
         fail(f"search_space={space!r}; expected a dict of option name -> Knob(low, high)")
@@ -146,9 +151,10 @@ def method_class(name: str):
     return METHODS[name]
 
 
-def build_method(name: str, students, num_classes: int, ignore_index: int = 255, **options: Any):
-    """Build method ``name`` for the pair ``students`` = (CNN, ViT) with its ``options`` (checked)."""
-    return method_class(name)(tuple(students), num_classes, ignore_index, **options)
+def build_method(name: str, students, num_classes: int, ignore_index: int = 255, families=None, **options: Any):
+    """Build method ``name`` for ``students`` (A, B, ...; ``families`` ``"cnn"``/``"vit"`` in that order) with
+    its ``options`` (checked)."""
+    return method_class(name)(tuple(students), num_classes, ignore_index, families=families, **options)
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:

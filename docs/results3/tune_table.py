@@ -12,6 +12,7 @@ import pandas as pd
 import yaml
 
 from ccl_bench.methods import method_class
+from ccl_bench.student_names import legacy_column
 
 
 def study_sections(folder: str) -> tuple[pd.DataFrame, list[str]]:
@@ -23,14 +24,14 @@ def study_sections(folder: str) -> tuple[pd.DataFrame, list[str]]:
         cls = method_class(name)
         with open(os.path.join(study, "best.yaml")) as f:
             best = yaml.safe_load(f)["methods"][name]
-        trials = pd.read_csv(os.path.join(study, "trials.csv"))
+        trials = pd.read_csv(os.path.join(study, "trials.csv")).rename(columns=legacy_column)
         top = trials.loc[trials["score"].idxmax()]
         chosen.append({"method": name, "trials": len(trials), "best trial": int(top["trial"]),
                        "score (defaults)": 100 * trials.loc[trials["trial"] == 0, "score"].item(),
                        "score (best)": 100 * top["score"],
                        **{k: f"{cls.defaults[k]:g} → {v:.3g}" for k, v in best.items()}})
         shown = trials.sort_values("score", ascending=False, kind="stable").astype({"trial": str})
-        for col in ("score", "miou_cnn", "miou_vit", "miou_ensemble"):
+        for col in ["score"] + [c for c in shown if c.startswith("miou_")]:
             shown[col] = 100 * shown[col]
         sections.append(f"### {name}\n\n" + shown.to_markdown(index=False, floatfmt=".3g") + "\n")
     return pd.DataFrame(chosen), sections
