@@ -4,11 +4,14 @@
 and CUDA kernels when the compiled extension is present, and fall back to the pure-PyTorch implementations in
 :mod:`ccl_ops.reference` (with one warning) when it is not; :func:`backend` says which serves a device.
 Their option values and result types are in :mod:`ccl_ops.types`; :mod:`ccl_ops.resize` brings logits to the
-label grid, which the ops expect.
+label grid, which the ops expect. :mod:`ccl_ops.peers` holds the K-student forms of pixel- and region-wise BSD
+(METHOD.md §9).
 """
 from . import reference
 from .losses import PixelBSDLoss, RegionBSDLoss, RegionBSDOutput, direction_on_grid
 from .ops import KERNEL_DEVICES, backend, pixel_selective_kl, region_direction_mask
+from .peers import (RegionRole, RegionTargets, peer_masks, pixel_bsd_peers, region_feature_losses, region_roles,
+                    region_targets, targets_on_grid)
 from .resize import resize_bilinear, to_label_size
 from .types import LEARNERS, NORMALIZATIONS, RULES, SCORES, RegionMask, SelectiveKL
 
@@ -21,13 +24,21 @@ __all__ = [
     "RegionBSDLoss",
     "RegionBSDOutput",
     "RegionMask",
+    "RegionRole",
+    "RegionTargets",
     "SCORES",
     "SelectiveKL",
     "backend",
     "direction_on_grid",
+    "peer_masks",
+    "pixel_bsd_peers",
     "pixel_selective_kl",
     "reference",
     "region_direction_mask",
+    "region_feature_losses",
+    "region_roles",
+    "region_targets",
     "resize_bilinear",
+    "targets_on_grid",
     "to_label_size",
 ]

@@ -98,3 +98,35 @@ def check_region_call(za, zb, y, region, score: str) -> tuple[int, int]:
     check_inputs(za, zb, y)
     check_choice("score", score, SCORES)
     return check_region(region)
+
+
+def check_peer_logits(logits, y: torch.Tensor | None) -> int:
+    """The checks of the K-student losses (METHOD.md §9): ``logits`` is a list or tuple of K >= 2 logit tensors of
+    one shape, dtype and device, and ``y`` their labels (not checked when None). Returns K. A student is named by
+    its index, ``logits[s]``."""
+    if isinstance(logits, torch.Tensor) or not isinstance(logits, (list, tuple)):
+        raise ValueError(f"logits must be a list or tuple of K >= 2 students' (N, C, H, W) logits, got "
+                         f"{type(logits).__name__}")
+    k = len(logits)
+    if k < 2:
+        raise ValueError(f"logits must hold K >= 2 students' logits (METHOD.md §9), got K = {k}")
+    first = logits[0]
+    for s, z in enumerate(logits):
+        name = f"logits[{s}]"
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(z.shape)}")
+        if z.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {z.dtype}")
+        if z.shape != first.shape:
+            raise ValueError(f"{name} must have the shape of logits[0] {tuple(first.shape)}, got {tuple(z.shape)}")
+        if z.dtype != first.dtype:
+            raise TypeError(f"{name} must have the dtype of logits[0] ({first.dtype}), got {z.dtype}")
+        if z.device != first.device:
+            raise ValueError(f"{name} must be on the device of logits[0] ({first.device}), got {z.device}")
+    if first.shape[1] < 1:
+        raise ValueError(f"logits[0] must have at least one channel, got C = {first.shape[1]}")
+    if y is not None:
+        check_inputs(first, first, y)  # the labels against the (common) logit shape and device
+    return k
