@@ -8,7 +8,8 @@ label grid, which the ops expect. :mod:`ccl_ops.peers` holds the K-student forms
 (METHOD.md §9).
 """
 from . import reference
-from .losses import PixelBSDLoss, RegionBSDLoss, RegionBSDOutput, direction_on_grid
+from .losses import (PixelBSDLoss, RegionBSDLoss, RegionBSDOutput, RegionBSDPeersLoss, RegionBSDPeersOutput,
+                     direction_on_grid)
 from .ops import KERNEL_DEVICES, backend, pixel_selective_kl, region_direction_mask
 from .peers import (RegionRole, RegionTargets, peer_masks, pixel_bsd_peers, region_feature_losses, region_roles,
                     region_targets, targets_on_grid)
@@ -22,6 +23,8 @@ __all__ = [
     "PixelBSDLoss",
     "RULES",
     "RegionBSDLoss",
+    "RegionBSDPeersLoss",
+    "RegionBSDPeersOutput",
     "RegionBSDOutput",
     "RegionMask",
     "RegionRole",

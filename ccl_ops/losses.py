@@ -4,7 +4,7 @@ The ops never resize; these modules bring logits to the label grid (bilinear), a
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +89,36 @@ class RegionBSDLoss(nn.Module):
         loss = (a_teaches * per_cell_b + b_teaches * per_cell_a).sum() / cells
         norm_a, norm_b = (f.detach().float().norm(dim=1).mean() for f in (fa, fb))
         return RegionBSDOutput(loss, d.to(torch.int8), norm_a, norm_b)
+
+
+class RegionBSDPeersOutput(NamedTuple):
+    loss: torch.Tensor  # scalar: the sum of the students' terms (METHOD.md §9 on §3)
+    target: torch.Tensor  # int64 (N, h, w): the teaching student of each cell of the feature grid, -1: none
+    norms: torch.Tensor  # detached (K,): mean L2 norm of each student's projected feature over the cells
+
+
+class RegionBSDPeersLoss(nn.Module):
+    """Region-wise BSD among K >= 2 students (METHOD.md §9): each student's last feature through its own 1x1
+    projection to ``dim`` channels, resized to the common grid (the finest of the students' feature grids unless
+    ``grid``); in each region the best-scoring student (:func:`ccl_ops.peers.region_targets`, resized by nearest
+    neighbour) is the target of every other student (:func:`ccl_ops.peers.region_feature_losses`).
+    With two students use :class:`RegionBSDLoss` (the same loss, reduced in one sum)."""
+
+    def __init__(self, channels: Sequence[int], dim: int = 128, grid: tuple[int, int] | None = None,
+                 region=(16, 16), score: str = "ce", ignore_index: int = 255):
+        super().__init__()
+        self.projs = nn.ModuleList(nn.Conv2d(c, dim, kernel_size=1) for c in channels)
+        self.dim, self.grid = dim, grid
+        self.region, self.score, self.ignore_index = check_region(region), score, ignore_index
+
+    def forward(self, features: Sequence[torch.Tensor], logits: Sequence[torch.Tensor],
+                y: torch.Tensor) -> RegionBSDPeersOutput:
+        from .peers import region_feature_losses, targets_on_grid
+
+        grid = tuple(self.grid or max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1]))
+        target = targets_on_grid(logits, y, grid, region=self.region, score=self.score, ignore_index=self.ignore_index)
+        projected = [F.interpolate(p(f), size=grid, mode="bilinear", align_corners=False)
+                     for p, f in zip(self.projs, features)]
+        losses = region_feature_losses(projected, target)
+        norms = torch.stack([f.detach().float().norm(dim=1).mean() for f in projected])
+        return RegionBSDPeersOutput(sum(losses[1:], losses[0]), target, norms)

@@ -31,10 +31,10 @@ def _env():
 def test_train_writes_a_run_directory_and_refuses_to_overwrite_it(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--method", "dml", "--seed", "3", "--iters", "2", "--out", out, *TINY]) == 0
-    assert "dml seed 3 step 2: mIoU cnn" in capsys.readouterr().out
+    assert "dml seed 3 step 2: mIoU A " in capsys.readouterr().out
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert (metrics["method"], metrics["seed"], metrics["step"]) == ("dml", 3, 2)
-    assert set(metrics["miou"]) == {"cnn", "vit", "ensemble"}
+    assert set(metrics["miou"]) == {"a", "b", "ensemble"}
     for name in ("config.yaml", "steps.csv", "evals.csv", "train.log", "checkpoints/last.pt"):
         assert os.path.isfile(os.path.join(out, name)), name
     saved = open(os.path.join(out, "config.yaml")).read()
@@ -83,10 +83,10 @@ def test_compare_then_report_and_export(tmp_path, capsys):
     assert "\\begin{tabular}" in open(os.path.join(report, "table.tex")).read()
     # export one student as a plain state dict
     exported = str(tmp_path / "cnn.pt")
-    assert main(["export", os.path.join(out, "independent", "seed0"), "--student", "cnn", "--out", exported]) == 0
+    assert main(["export", os.path.join(out, "independent", "seed0"), "--student", "a", "--out", exported]) == 0
     state = torch.load(exported, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    assert main(["export", str(tmp_path), "--student", "cnn", "--out", exported]) == 2
+    assert main(["export", str(tmp_path), "--student", "a", "--out", exported]) == 2
     assert "no such file" in capsys.readouterr().err
 
 
@@ -142,13 +142,13 @@ def test_report_aggregates_metrics_json_of_any_tool(tmp_path, capsys):
 
     summary = summarize(load_runs([str(tmp_path / "runs")])).set_index("method")
     assert list(summary.index) == ["independent", "dml", "kdcl-naive"]
-    assert summary.loc["dml", "cnn_mean"] == pytest.approx(0.545)
-    assert summary.loc["dml", "cnn_std"] == pytest.approx(0.0212132, abs=1e-6)
-    assert summary.loc["dml", "cnn_delta"] == pytest.approx(0.545 - 0.52)
-    assert summary.loc["dml", "cnn_paired_mean"] == pytest.approx(0.025)  # (0.03 + 0.02) / 2
-    assert summary.loc["dml", "cnn_paired_std"] == pytest.approx(0.0070711, abs=1e-6)
-    assert summary.loc["kdcl-naive", "cnn_pairs"] == 1  # paired on seed 1 only
-    assert summary.loc["kdcl-naive", "cnn_paired_mean"] == pytest.approx(-0.14)
+    assert summary.loc["dml", "a_mean"] == pytest.approx(0.545)
+    assert summary.loc["dml", "a_std"] == pytest.approx(0.0212132, abs=1e-6)
+    assert summary.loc["dml", "a_delta"] == pytest.approx(0.545 - 0.52)
+    assert summary.loc["dml", "a_paired_mean"] == pytest.approx(0.025)  # (0.03 + 0.02) / 2
+    assert summary.loc["dml", "a_paired_std"] == pytest.approx(0.0070711, abs=1e-6)
+    assert summary.loc["kdcl-naive", "a_pairs"] == 1  # paired on seed 1 only
+    assert summary.loc["kdcl-naive", "a_paired_mean"] == pytest.approx(-0.14)
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     table = capsys.readouterr().out
     assert "| dml | 2 | 54.50 ± 2.12 |" in table and "+2.50 ± 0.71" in table

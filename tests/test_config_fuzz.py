@@ -188,18 +188,18 @@ def _cfg(*overrides):
 
 
 def test_empty_mapping_or_null_resets_a_mapping_to_its_default():
-    assert _cfg()["students"]["cnn"]["options"] == {"decoder_channels": 16}
-    assert _cfg("students.cnn.options={}")["students"]["cnn"]["options"] == {}
-    assert _cfg("students.cnn.options=null")["students"]["cnn"]["options"] == {}
-    assert _cfg("optim.vit=null")["optim"]["vit"] == defaults()["optim"]["vit"]
+    assert _cfg()["students"][0]["options"] == {"decoder_channels": 16}
+    assert _cfg("students.cnn.options={}")["students"][0]["options"] == {}
+    assert _cfg("students.cnn.options=null")["students"][0]["options"] == {}
+    assert _cfg("optim.vit=null")["students"][1]["optim"] == defaults()["optim"]["vit"]
     assert _cfg("methods.ccl={}")["methods"]["ccl"] == method_class("ccl").defaults
 
 
 def test_inline_mapping_replaces_and_dotted_key_updates():
-    assert _cfg("students.cnn.options={pretrained: false}")["students"]["cnn"]["options"] == {"pretrained": False}
-    assert _cfg("students.cnn.options.pretrained=false")["students"]["cnn"]["options"] == {
+    assert _cfg("students.cnn.options={pretrained: false}")["students"][0]["options"] == {"pretrained": False}
+    assert _cfg("students.cnn.options.pretrained=false")["students"][0]["options"] == {
         "decoder_channels": 16, "pretrained": False}
-    lr = _cfg("optim.cnn={lr: 0.5}")["optim"]["cnn"]
+    lr = _cfg("optim.cnn={lr: 0.5}")["students"][0]["optim"]
     assert lr == {**defaults()["optim"]["cnn"], "lr": 0.5}
 
 
@@ -229,8 +229,8 @@ def test_config_file_layers_merge_and_reset(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("students:\n  cnn:\n    options: {}\n  vit:\n    options: {pretrained: false}\n")
     config = load_config(None, [TINY_FILE, str(path)])
-    assert config["students"]["cnn"]["options"] == {}
-    assert config["students"]["vit"]["options"] == {"decoder_channels": 16, "pretrained": False}
+    assert config["students"][0]["options"] == {}
+    assert config["students"][1]["options"] == {"decoder_channels": 16, "pretrained": False}
 
 
 def test_the_issue_command_is_one_line_and_writes_nothing(tmp_path, capsys):

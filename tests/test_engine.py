@@ -157,16 +157,16 @@ def test_metrics_json_and_export(tmp_path):
     run_training(tiny("ccl", "train.iters=2", **{"train.overlays": 2}), str(run))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["method"] == "ccl" and metrics["seed"] == 0 and metrics["step"] == 2 and metrics["complete"]
-    assert set(metrics["miou"]) == {"cnn", "vit", "ensemble"}
+    assert set(metrics["miou"]) == {"a", "b", "ensemble"}
     assert all(0 <= v <= 1 for v in metrics["miou"].values())
     header = (run / "steps.csv").read_text().splitlines()[0].split(",")
     for column in ("loss", "ce_a", "ce_b", "hfd", "rbsd", "pbsd_a", "pbsd_b", "pixel_ab", "pixel_ba", "region_ab",
-                   "region_ba", "lr_cnn", "lr_vit"):
+                   "region_ba", "lr_a", "lr_b"):
         assert column in header
     assert (run / "overlays.npz").is_file() and (run / "config.yaml").is_file()
-    out = export_student(str(run), "vit", str(tmp_path / "vit.pt"))
+    out = export_student(str(run), "b", str(tmp_path / "vit.pt"))
     model = build_student("segformer_pvt_v2_b0", 11, decoder_channels=16, checkpoint=out)
-    assert_close(model.state_dict(), _state(run / "checkpoints" / "last.pt")["students"]["vit"], rtol=0, atol=0)
+    assert_close(model.state_dict(), _state(run / "checkpoints" / "last.pt")["students"]["b"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="student='teacher'; expected one of"):
         export_student(str(run), "teacher", str(tmp_path / "x.pt"))
 

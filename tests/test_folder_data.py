@@ -282,5 +282,5 @@ def test_two_training_steps_on_a_folder(tmp_path):
         torch.set_num_threads(threads)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["dataset"] == "folder" and metrics["complete"] and metrics["step"] == 2
-    assert metrics["train_images"] == 4 and metrics["class_names"] == NAMES and len(metrics["iou"]["cnn"]) == 3
+    assert metrics["train_images"] == 4 and metrics["class_names"] == NAMES and len(metrics["iou"]["a"]) == 3
     assert result["step"] == 2 and 0 <= metrics["miou"]["ensemble"] <= 1

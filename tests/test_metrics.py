@@ -73,14 +73,14 @@ def test_ensemble_is_mean_of_probabilities():
     la, target = random_batch(3, absent=())
     lb = torch.randn_like(la)
     meters = StudentMetrics(C)
-    meters.update(la, lb, target)
+    meters.update([la, lb], target)
     out = meters.compute()
     ref = SegMetrics(C)
     ref.update((la.softmax(1) + lb.softmax(1)).argmax(1), target)
     torch.testing.assert_close(out["ensemble"]["confusion"], ref.compute()["confusion"])
     single = SegMetrics(C)
     single.update(lb, target)
-    torch.testing.assert_close(out["vit"]["confusion"], single.compute()["confusion"])
+    torch.testing.assert_close(out["b"]["confusion"], single.compute()["confusion"])
     torch.testing.assert_close(ensemble_probs(la, lb).sum(1), torch.ones(target.shape))
 
 

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..student_names import MAX_STUDENTS, student_label
+from ..student_names import LETTERS, MAX_STUDENTS, student_label
 from .options import check_options, signature_options
 
 # keys whose default is null: the type a value must have when it is set
@@ -381,13 +381,14 @@ def normalize_students(config: dict) -> dict:
     return out
 
 
-def _check_students(students: list) -> None:
+def _check_students(students: list, legacy: bool) -> None:
     for i, student in enumerate(students):
         name = student["name"]
-        chain = _student_chain(f"students[{i}].name", name)
+        where = f"students.{LEGACY_KEYS[i]}" if legacy else f"students[{i}]"  # as the config wrote it
+        chain = _student_chain(f"{where}.name", name)
         valid, open_ended = signature_options(chain)
-        check_options(f"students[{i}].options", f"student {student_label('abcdefgh'[i], name)!r}",
-                      student["options"], valid, open_ended)
+        check_options(f"{where}.options", f"student {student_label(LETTERS[i], name)!r}", student["options"],
+                      valid, open_ended)
 
 
 def _load_plugins(plugins: list[str]) -> list[str]:
@@ -431,7 +432,7 @@ def validate(config: dict) -> dict:
         config["students"] = students  # merge does not descend into lists
     config = normalize_students(config)
     _check_data(config["data"])
-    _check_students(config["students"])
+    _check_students(config["students"], legacy=not isinstance(students, list))
     config["plugins"] = _load_plugins(config["plugins"])  # before the methods: a plugin's method names validate
     _check_methods(config)
     from ..methods import method_class

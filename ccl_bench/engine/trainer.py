@@ -180,7 +180,7 @@ class Trainer:
             for net, view in zip(self.nets, views):
                 z, f = net(view, return_features=True)
                 outs.append(StudentOutput(to_label_size(z, y), f))
-            out = self.method(outs, y)
+            out = self.method(*outs, y=y)
         ramp = self.config["train"]["distill_ramp"]
         if ramp > 0:  # METHOD §8: the same weight on every method's non-CE terms
             weight = distill_weight(self.step, ramp, self.config["train"]["iters"])

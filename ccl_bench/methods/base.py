@@ -84,7 +84,10 @@ class Method(nn.Module):
         self.ignore_index = ignore_index
 
     # -- what the engine calls -------------------------------------------------------------------------------
-    def forward(self, outs: Sequence[StudentOutput], y: torch.Tensor) -> MethodOutput:
+    def forward(self, *outs: StudentOutput, y: torch.Tensor | None = None) -> MethodOutput:
+        """``method(out_a, out_b, ..., y=y)``, or with ``y`` last: ``method(out_a, out_b, y)``."""
+        if y is None:
+            *outs, y = outs
         return self.losses(*outs, y=y)
 
     def losses(self, out_a: StudentOutput, out_b: StudentOutput, y: torch.Tensor) -> MethodOutput:

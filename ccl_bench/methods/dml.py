@@ -1,9 +1,7 @@
-"""Deep mutual learning (METHOD.md §6, §9) over :func:`baselines.dml.mutual_kl`."""
+"""Deep mutual learning (METHOD.md §6, §9) over :func:`baselines.dml.peer_kl`."""
 from __future__ import annotations
 
-from itertools import combinations
-
-from baselines.dml import mutual_kl
+from baselines.dml import peer_kl
 
 from ..student_names import MAX_STUDENTS
 from .base import Knob, Method, MethodOutput
@@ -20,16 +18,8 @@ class DML(Method):
     students_range = (2, MAX_STUDENTS)
 
     def losses(self, *outs, y) -> MethodOutput:
-        # every pair once through the fused mutual KL (each call gives both directions); a student's term is the
-        # mean over its K - 1 peers (with two students: exactly the pair's term)
-        peers = [[] for _ in outs]
-        for r, s in combinations(range(len(outs)), 2):
-            kl = mutual_kl(outs[r].logits, outs[s].logits, y, temperature=self.options["temperature"],
-                           ignore_index=self.ignore_index)
-            peers[r].append(kl.loss_a)
-            peers[s].append(kl.loss_b)
+        kls = peer_kl([o.logits for o in outs], y, temperature=self.options["temperature"],
+                      ignore_index=self.ignore_index)
         terms = self.ce_terms(*outs, y=y)
-        for slot, kls in zip(self.slots, peers):
-            total = kls[0] if len(kls) == 1 else sum(kls[1:], kls[0])
-            terms[f"kl_{slot}"] = self.options["lambda_kl"] * (total if len(kls) == 1 else total / len(kls))
+        terms.update({f"kl_{slot}": self.options["lambda_kl"] * kl for slot, kl in zip(self.slots, kls)})
         return MethodOutput(terms)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from baselines.kdcl import (ensemble_weights, error_covariance, general_teacher, kdcl_loss, linear_teacher,
-                            min_logit_teacher, naive_teacher, prediction_errors)
+from baselines.kdcl import (ensemble_weights, error_covariance, general_teacher_k, kdcl_losses, linear_teacher_k,
+                            min_logit_teacher_k, naive_teacher_k, prediction_errors)
 from ccl_ops import to_label_size
 
+from ..student_names import MAX_STUDENTS
 from .base import HOLDOUT_NEEDED, Knob, Method, MethodOutput
 from .registry import register
 
@@ -19,9 +20,10 @@ class KDCL(Method):
     description = "KDCL (per-pixel adaptation)"
     defaults = {"temperature": 2.0, "lambda_kl": 1.0, "invariant": False, "invariant_strength": 0.2}
     search_space = {"temperature": Knob(1.0, 4.0), "lambda_kl": Knob(0.25, 4.0)}
+    students_range = (2, MAX_STUDENTS)
 
-    def teacher(self, za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Ensemble teacher logits (no gradient), same shape as ``za``."""
+    def teacher(self, logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Ensemble teacher logits from all students' ``logits`` (no gradient), the shape of each."""
         raise NotImplementedError
 
     def teacher_stats(self) -> dict[str, torch.Tensor]:
@@ -32,8 +34,8 @@ class KDCL(Method):
         """Invariant mode: each student sees its own random photometric perturbation (geometry unchanged, so the
         labels and the per-pixel teacher stay aligned)."""
         if not self.options["invariant"] or not self.training:
-            return x, x
-        return self._perturb(x), self._perturb(x)
+            return (x,) * len(self._students)
+        return tuple(self._perturb(x) for _ in self._students)
 
     def _perturb(self, x: torch.Tensor) -> torch.Tensor:
         s = self.options["invariant_strength"]
@@ -42,13 +44,13 @@ class KDCL(Method):
         shift = s * (2 * torch.rand(n, x.shape[1], 1, 1) - 1)
         return x * gain.to(x) + shift.to(x)
 
-    def losses(self, out_a, out_b, y) -> MethodOutput:
+    def losses(self, *outs, y) -> MethodOutput:
         with torch.no_grad():
-            zt = self.teacher(out_a.logits.detach(), out_b.logits.detach(), y)
-        terms = self.ce_terms(out_a, out_b, y)
-        for key, out in (("kl_a", out_a), ("kl_b", out_b)):
-            kl = kdcl_loss(out.logits, zt, y, temperature=self.options["temperature"], ignore_index=self.ignore_index)
-            terms[key] = self.options["lambda_kl"] * kl
+            zt = self.teacher([o.logits.detach() for o in outs], y)
+        terms = self.ce_terms(*outs, y=y)
+        kls = kdcl_losses([o.logits for o in outs], zt, y, temperature=self.options["temperature"],
+                          ignore_index=self.ignore_index)
+        terms.update({f"kl_{slot}": self.options["lambda_kl"] * kl for slot, kl in zip(self.slots, kls)})
         return MethodOutput(terms, self.teacher_stats())
 
 
@@ -57,8 +59,8 @@ class KDCLNaive(KDCL):
     name = "kdcl-naive"
     description = "KDCL-Naive (per-pixel adaptation): teacher = the student with the lower CE at each pixel"
 
-    def teacher(self, za, zb, y):
-        return naive_teacher(za, zb, y, self.ignore_index)
+    def teacher(self, logits, y):
+        return naive_teacher_k(logits, y, self.ignore_index)
 
 
 @register
@@ -68,15 +70,19 @@ class KDCLLinear(KDCL):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("alpha", torch.tensor(0.5), persistent=False)  # the last batch's, for the logs
+        # the last batch's weights, for the logs (two students: alpha, A's weight)
+        self.register_buffer("weights", torch.full((len(self._students),), 1 / len(self._students)),
+                             persistent=False)
 
-    def teacher(self, za, zb, y):
-        zt, alpha = linear_teacher(za, zb, y, self.ignore_index)
-        self.alpha.fill_(alpha)
+    def teacher(self, logits, y):
+        zt, weights = linear_teacher_k(logits, y, self.ignore_index)
+        self.weights.copy_(weights.to(self.weights))
         return zt
 
     def teacher_stats(self):
-        return {"alpha": self.alpha.clone()}
+        if len(self.slots) == 2:
+            return {"alpha": self.weights[0].clone()}
+        return {f"weight_{slot}": w.clone() for slot, w in zip(self.slots, self.weights)}
 
 
 @register
@@ -84,8 +90,8 @@ class KDCLMinLogit(KDCL):
     name = "kdcl-minlogit"
     description = "KDCL-MinLogit (per-pixel adaptation): zt^j = min_s (z_s^j - z_s^y)"
 
-    def teacher(self, za, zb, y):
-        return min_logit_teacher(za, zb, y, self.ignore_index)
+    def teacher(self, logits, y):
+        return min_logit_teacher_k(logits, y, self.ignore_index)
 
 
 @register
@@ -99,7 +105,8 @@ class KDCLGeneral(KDCL):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("weights", torch.tensor([0.5, 0.5]))  # checkpointed: resume keeps the estimate
+        k = len(self._students)  # equal weights until the first estimate; checkpointed: resume keeps it
+        self.register_buffer("weights", torch.full((k,), 0.5) if k == 2 else torch.full((k,), 1 / k))
 
     def on_epoch_start(self, epoch, holdout):
         # METHOD §6: equal weights during the first epoch (no trained students to estimate from yet).
@@ -108,7 +115,8 @@ class KDCLGeneral(KDCL):
         if epoch == 0:
             return
         t = self.options["temperature"]
-        cov = torch.zeros(2, 2, dtype=torch.float64)
+        k = len(self._students)
+        cov = torch.zeros(k, k, dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
             for x, y in holdout:
@@ -120,8 +128,10 @@ class KDCLGeneral(KDCL):
         weights = ensemble_weights(cov / count.clamp(min=1), self.options["ridge"])
         self.weights.copy_(weights.to(self.weights))
 
-    def teacher(self, za, zb, y):
-        return general_teacher(za, zb, self.weights, self.options["temperature"])
+    def teacher(self, logits, y):
+        return general_teacher_k(logits, self.weights, self.options["temperature"])
 
     def teacher_stats(self):
-        return {"weight_a": self.weights[0].clone()}
+        if len(self.slots) == 2:
+            return {"weight_a": self.weights[0].clone()}
+        return {f"weight_{slot}": w.clone() for slot, w in zip(self.slots, self.weights)}
