@@ -44,13 +44,19 @@ def _stop_after(monkeypatch, step):
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-@pytest.mark.parametrize("method", ["ccl", "kdcl-general"])
-def test_resume_continues_to_exactly_the_same_result(tmp_path, monkeypatch, method):
+THREE_STUDENTS = ("students=[{name: deeplabv3plus_mobilenetv2_100, options: {decoder_channels: 8}}, "
+                  "{name: segformer_pvt_v2_b0, options: {decoder_channels: 8}}, "
+                  "{name: deeplabv3plus_mobilenetv2_100, options: {decoder_channels: 8}}]")
+
+
+@pytest.mark.parametrize("method,students", [("ccl", None), ("kdcl-general", None), ("ccl", THREE_STUDENTS),
+                                             ("kdcl-general", THREE_STUDENTS)])
+def test_resume_continues_to_exactly_the_same_result(tmp_path, monkeypatch, method, students):
     # 6 steps at 4 (ccl) or 3 (kdcl-general: holdout) steps per epoch: the resume point sits mid-epoch and
-    # the run crosses an epoch boundary after it
+    # the run crosses an epoch boundary after it; two students and three
     holdout = "data.holdout=0.25" if method == "kdcl-general" else "data.holdout=0"
     config = tiny(method, "train.deterministic=true", "train.iters=6", "train.eval_interval=6",
-                  "train.checkpoint_interval=6", holdout)
+                  "train.checkpoint_interval=6", holdout, *([students] if students else []))
     straight = run_training(config, str(tmp_path / "straight"))
     with monkeypatch.context() as m:
         _stop_after(m, 3)
@@ -188,14 +194,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, run_dir):
+def _ddp_worker(rank, world, port, run_dir, method="ccl", overrides=()):
     from ccl_bench.engine import distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    config = tiny("ccl", "data.batch_size=2", "train.device=cpu")
+    config = tiny(method, "data.batch_size=2", "train.device=cpu", *overrides)
     info = distributed.setup("cpu")
     os.makedirs(run_dir, exist_ok=True)
     try:

@@ -58,12 +58,13 @@ def test_the_held_out_slice_is_removed_from_every_method_alike():
 # -- a method's own parameters: their own group, outside the students' clipping ----------------------------------
 def test_method_parameters_form_their_own_group_at_the_owners_rate():
     trainer = Trainer(tiny("ccl", "optim.vit.method_lr_scale=0.5"), None, quiet=True)
-    for key, opt, student in zip(("a", "b"), trainer.optimizers, trainer.students):
+    for key, opt, student, entry in zip(("a", "b"), trainer.optimizers, trainer.students,
+                                        trainer.config["students"]):
         own = {id(p) for g in opt.param_groups if not g["method"] for p in g["params"]}
         mine = {id(p) for g in opt.param_groups if g["method"] for p in g["params"]}
         assert own == {id(p) for p in student.parameters()}
         assert mine == {id(p) for p in trainer.method.student_parameters(key)} and mine
-        lr = trainer.config["optim"][key]["lr"]
+        lr = entry["optim"]["lr"]
         scale = 0.5 if key == "b" else 1.0
         assert all(math.isclose(g["initial_lr"], lr * (scale if g["method"] else 1.0)) for g in opt.param_groups)
 

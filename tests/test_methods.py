@@ -260,8 +260,8 @@ def test_ccl_terms_match_formulas(students):
     assert_close(out.stats["pixel_ab"], m_ab.sum().float() / valid.sum())
     # HFD: stage-1 features through the other student's stage 2, MSE to its own stage-2 output, mean of two
     fa1, fa2, fb1, fb2 = out_a.features[0], out_a.features[1], out_b.features[0], out_b.features[1]
-    ga = F.interpolate(method.gamma_a.proj(fa1), size=fb1.shape[-2:], mode="bilinear", align_corners=False)
-    gb = F.interpolate(method.gamma_b.proj(fb1), size=fa1.shape[-2:], mode="bilinear", align_corners=False)
+    ga = F.interpolate(method.gammas["ab"].proj(fa1), size=fb1.shape[-2:], mode="bilinear", align_corners=False)
+    gb = F.interpolate(method.gammas["ba"].proj(fb1), size=fa1.shape[-2:], mode="bilinear", align_corners=False)
     hfd = 0.5 * (F.mse_loss(b.stages[1](ga), fb2) + F.mse_loss(a.stages[1](gb), fa2))
     assert_close(out.terms["hfd"], 0.5 * hfd, atol=1e-5, rtol=1e-4)
     # region-wise BSD: masked feature MSE on the common grid, direction from the mean-CE per 16x16 region (one per cell of the 2x2 grid)
@@ -291,7 +291,7 @@ def test_ccl_gradients_reach_the_right_parameters(students):
     a.zero_grad()
     b.zero_grad()
     # HFD trains the Gammas and the source student's stage 1, never the borrowed stage 2
-    grads = torch.autograd.grad(out.terms["hfd"], [method.gamma_a.proj.weight, *a.stages[0].parameters(),
+    grads = torch.autograd.grad(out.terms["hfd"], [method.gammas["ab"].proj.weight, *a.stages[0].parameters(),
                                                    *b.stages[1].parameters()], allow_unused=True)
     n_a = len(list(a.stages[0].parameters()))
     assert grads[0].abs().sum() > 0
@@ -299,8 +299,8 @@ def test_ccl_gradients_reach_the_right_parameters(students):
     assert all(g is None or g.abs().sum() == 0 for g in grads[1 + n_a:])
     # each student's optimizer gets its own side of the method's parameters
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
-    assert ids(method.student_parameters("a")) == ids([*method.gamma_a.parameters(), *method.rbsd.proj_a.parameters()])
-    assert ids(method.student_parameters("b")) == ids([*method.gamma_b.parameters(), *method.rbsd.proj_b.parameters()])
+    assert ids(method.student_parameters("a")) == ids([*method.gammas["ab"].parameters(), *method.rbsd.proj_a.parameters()])
+    assert ids(method.student_parameters("b")) == ids([*method.gammas["ba"].parameters(), *method.rbsd.proj_b.parameters()])
     assert ids(method.parameters()) == ids(method.student_parameters("a")) | ids(method.student_parameters("b"))
 
 
