@@ -120,6 +120,9 @@ def plot_shares(runs: pd.DataFrame, path: str) -> str | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     drawn = False
+    # two students: who teaches whom (SHARES); K > 2: where each student learns (pixels) and teaches (regions)
+    peers = [(0, f"pixel_{k}", f"pixels {k.upper()} learns") for k in _slots(runs)] + [
+        (1, f"region_{k}", f"regions {k.upper()} teaches") for k in _slots(runs)]
     for method, group in runs.groupby("method", sort=False):
         frames = [_read_csv(os.path.join(d, "steps.csv")) for d in group["run_dir"]]
         for i, (col, title) in enumerate(SHARES):
@@ -127,6 +130,11 @@ def plot_shares(runs: pd.DataFrame, path: str) -> str | None:
             if curve is not None:
                 drawn = True
                 axes[i // 2].plot(curve.index, curve.values, "-" if i % 2 == 0 else "--", label=f"{method}: {title}")
+        for ax, col, title in peers if len(_slots(runs)) > 2 else ():
+            curve = _mean_by_step(frames, col)
+            if curve is not None:
+                drawn = True
+                axes[ax].plot(curve.index, curve.values, label=f"{method}: {title}")
     if not drawn:
         plt.close(fig)
         return None

@@ -341,10 +341,7 @@ def normalize_students(config: dict) -> dict:
     updated by the entry's own keys."""
     students, optim = config["students"], config["optim"]
     legacy = isinstance(students, dict)
-    if legacy:
-        extra = sorted(set(students) - set(LEGACY_KEYS))
-        if extra:
-            raise _unknown_key(f"students.{extra[0]}", dict(_flatten(_defaults(), _defaults())))
+    if legacy:  # its keys were checked with the defaults' (students.cnn, students.vit)
         entries = [{**students[k], "optim": optim[k]} for k in LEGACY_KEYS]
     elif isinstance(students, list):
         entries = students
@@ -428,8 +425,6 @@ def validate(config: dict) -> dict:
     students = config.get("students")
     _check_keys({**config, "students": {}} if isinstance(students, list) else config)
     config = merge(defaults(), config)  # a section reset by null in a file was filled in by merge; be sure
-    if isinstance(students, list):
-        config["students"] = students  # merge does not descend into lists
     config = normalize_students(config)
     _check_data(config["data"])
     _check_students(config["students"], legacy=not isinstance(students, list))
