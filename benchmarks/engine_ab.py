@@ -17,9 +17,9 @@ import pandas as pd
 
 
 def measure(checkout: str, overhead_args: list[str], out: str) -> pd.DataFrame:
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(checkout)}
-    subprocess.run([sys.executable, "-m", "ccl_bench", "overhead", *overhead_args, "--out", out], env=env,
-                   check=True, capture_output=True, text=True)
+    checkout = os.path.abspath(checkout)  # run from inside it: `python -m` puts the working directory first
+    subprocess.run([sys.executable, "-m", "ccl_bench", "overhead", *overhead_args, "--out", out], cwd=checkout,
+                   env={**os.environ, "PYTHONPATH": checkout}, check=True, capture_output=True, text=True)
     return pd.read_csv(out)
 
 
