@@ -18,10 +18,10 @@ def test_quick_preset_independent_training_leaves_the_all_background_solution(tm
                          method="independent", **{"train.iters": 150})
     metrics = run_training(config, str(tmp_path / "run"), quiet=True)
     assert metrics["complete"]
-    assert metrics["miou"]["cnn"] > FLOOR + 0.15, metrics["miou"]
-    assert metrics["miou"]["vit"] > FLOOR + 0.10, metrics["miou"]
+    assert metrics["miou"]["a"] > FLOOR + 0.15, metrics["miou"]
+    assert metrics["miou"]["b"] > FLOOR + 0.10, metrics["miou"]
     digit_iou = {k: sum(v[1:]) / 10 for k, v in metrics["iou"].items()}
-    assert min(digit_iou["cnn"], digit_iou["vit"]) > 0.05, digit_iou
+    assert min(digit_iou["a"], digit_iou["b"]) > 0.05, digit_iou
 
 
 @pytest.mark.slow
@@ -34,5 +34,5 @@ def test_small_data_pipeline_learns_and_reports_train_miou(tmp_path):
     metrics = run_training(config, str(tmp_path / "run"), quiet=True)
     assert metrics["complete"] and metrics["train_images"] == 252 and metrics["holdout_images"] == 28
     for split in ("miou", "train_miou"):
-        assert metrics[split]["cnn"] > FLOOR + 0.15, metrics[split]
-        assert metrics[split]["vit"] > FLOOR + 0.10, metrics[split]
+        assert metrics[split]["a"] > FLOOR + 0.15, metrics[split]
+        assert metrics[split]["b"] > FLOOR + 0.10, metrics[split]
