@@ -15,14 +15,19 @@ from .types import LEARNERS, NORMALIZATIONS, RULES, SCORES
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _check_logits(name: str, z) -> None:
+    """One student's logits: a 4-D float tensor."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(z.shape)}")
+    if z.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {z.dtype}")
+
+
 def check_inputs(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor) -> None:
     for name, z in (("za", za), ("zb", zb)):
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(z.shape)}")
-        if z.dtype not in LOGIT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {z.dtype}")
+        _check_logits(name, z)
     if zb.shape != za.shape:
         raise ValueError(f"zb must have the shape of za {tuple(za.shape)}, got {tuple(zb.shape)}")
     if zb.dtype != za.dtype:
@@ -113,12 +118,7 @@ def check_peer_logits(logits, y: torch.Tensor | None) -> int:
     first = logits[0]
     for s, z in enumerate(logits):
         name = f"logits[{s}]"
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(z.shape)}")
-        if z.dtype not in LOGIT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {z.dtype}")
+        _check_logits(name, z)
         if z.shape != first.shape:
             raise ValueError(f"{name} must have the shape of logits[0] {tuple(first.shape)}, got {tuple(z.shape)}")
         if z.dtype != first.dtype:
