@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=docs/results3
-RUNS=${RUNS:-$OUT/runs}   # absolute path: runs written elsewhere (a grid run from another checkout)
+RUNS=${RUNS:-$OUT/runs}   # absolute paths: runs and studies written elsewhere (a grid run from another checkout)
+TUNE=${TUNE:-$OUT/tune}
 SEEDS=(0 1 2 3 4)
 PARALLEL=${PARALLEL:-2}
 THREADS=${THREADS:-1}
@@ -37,14 +38,15 @@ stage_cnn-vit() {  # the main table's default rows: every method but independent
 }
 
 stage_tune() {  # each method's own knobs, TRIALS trials each, on the held-out copy (data.options.seed=1), seed 0
+  mkdir -p "$TUNE"
   printf '%s\n' ccl dml "${KDCL[@]}" | xargs -P "$PARALLEL" -I{} sh -c "ccl-bench tune --preset small-data \
-    --method {} --trials $TRIALS --held-out data.options.seed=1 --out $OUT/tune/{} --no-progress \
-    --set train.cpu_threads=$THREADS > $OUT/tune/{}.out 2>&1 || echo FAILED: tune {} >&2"
+    --method {} --trials $TRIALS --held-out data.options.seed=1 --out $TUNE/{} --no-progress \
+    --set train.cpu_threads=$THREADS > $TUNE/{}.out 2>&1 || echo FAILED: tune {} >&2"
 }
 
 stage_cnn-vit-tuned() {  # the main table's tuned rows: the frozen best.yaml of each method
   for seed in "${SEEDS[@]}"; do for m in ccl dml "${KDCL[@]}"; do
-    echo small-data "$m" "$seed" "$RUNS/cnn-vit/tuned/$m/seed$seed" --config "$OUT/tune/$m/best.yaml"
+    echo small-data "$m" "$seed" "$RUNS/cnn-vit/tuned/$m/seed$seed" --config "$TUNE/$m/best.yaml"
   done; done | queue
 }
 
@@ -64,7 +66,7 @@ stage_ablations() {
     local label="ccl+tuned:${a// /:}" sets=()
     for o in $a; do sets+=("methods.ccl.$o"); done
     echo small-data ccl "$seed" "$RUNS/ablations/$(tr -c 'A-Za-z0-9=+.\n-' _ <<< "$label")/seed$seed" \
-      --config "$OUT/tune/ccl/best.yaml" --label "$label" --set "${sets[@]}"
+      --config "$TUNE/ccl/best.yaml" --label "$label" --set "${sets[@]}"
   done; done | queue
 }
 
@@ -87,7 +89,7 @@ stage_report() {  # every table and plot of docs/RESULTS.md from the finished ru
     report "$RUNS/cnn-vit/tuned" --out "$OUT/cnn-vit/tuned/vs_ccl" --baseline ccl+tuned --no-plots \
       --order "ccl+tuned,$tuned_order"
   fi
-  [ -d "$OUT/tune" ] && python "$OUT/tune_table.py" "$OUT/tune" --out "$OUT/tune.md" > /dev/null
+  [ -d "$TUNE" ] && python "$OUT/tune_table.py" "$TUNE" --out "$OUT/tune.md" > /dev/null
   [ -d "$RUNS/ablations" ] && report "$RUNS/cnn-vit/tuned/ccl" "$RUNS/ablations" --out "$OUT/ablations" \
     --baseline ccl+tuned --order ccl+tuned --no-plots
   [ -d "$RUNS/cnn-cnn" ] && report "$pcc/independent" "$pcc/dml" "$RUNS/cnn-cnn/defaults" --out "$OUT/cnn-cnn" \
