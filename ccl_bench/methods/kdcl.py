@@ -106,7 +106,7 @@ class KDCLGeneral(KDCL):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         k = len(self._students)  # equal weights until the first estimate; checkpointed: resume keeps it
-        self.register_buffer("weights", torch.full((k,), 0.5) if k == 2 else torch.full((k,), 1 / k))
+        self.register_buffer("weights", torch.full((k,), 1 / k))
 
     def on_epoch_start(self, epoch, holdout):
         # METHOD §6: equal weights during the first epoch (no trained students to estimate from yet).
