@@ -472,3 +472,16 @@ def test_direct_op_calls_check_their_arguments():
         torch.ops.ccl.region_direction_mask(za, zb, y, 0, 2, "ce", 255)
     with pytest.raises(ValueError, match="label value 9"):
         torch.ops.ccl.region_direction_mask(za, zb, torch.full_like(y, 9), 2, 2, "ce", 255)
+
+
+def test_gradient_outputs_start_their_storage_whatever_the_allocator_gives():
+    # The CPU kernel shifts a page-aligned gradient buffer by one cache line; the shift must not show as a storage
+    # offset, which the op's fake implementation (0) and torch.compile rely on. Hundreds of allocations of
+    # different sizes: with 16-byte-aligned heap chunks some of them start on a page.
+    for n in range(1, 4):
+        for c in range(2, 12):
+            for h in range(1, 9):
+                za, zb, y = make_inputs(n * 100 + c * 10 + h, n, c, h, 3, torch.float32)
+                out = torch.ops.ccl.pixel_selective_kl(za, zb, y, 1.0, "correct", "valid", 255, "both", [True, True])
+                for grad, z in zip(out[6:8], (za, zb)):
+                    assert grad.storage_offset() == 0 and grad.shape == z.shape and grad.is_contiguous()

@@ -244,7 +244,10 @@ at::Tensor gradient_buffer(const at::Tensor& z, bool wanted, bool& fresh) {
   const int64_t line = 64 / static_cast<int64_t>(z.element_size());
   const auto storage = at::empty({z.numel() + line}, z.options());
   const bool page_aligned = reinterpret_cast<uintptr_t>(storage.data_ptr()) % kPage == 0;
-  auto grad = storage.narrow(0, page_aligned ? line : 0, z.numel()).view(z.sizes());
+  // A tensor of its own, starting `line` on when page-aligned, so that its storage offset is 0 whatever the
+  // allocator gave (as the op's fake implementation says); the deleter keeps the allocation alive.
+  char* start = static_cast<char*>(storage.data_ptr()) + (page_aligned ? line * z.element_size() : 0);
+  auto grad = at::from_blob(start, z.sizes(), [storage](void*) {}, z.options());
   fresh = populate_for_writing(grad) || fresh;
   return grad;
 }
