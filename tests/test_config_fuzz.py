@@ -100,6 +100,7 @@ def voc_root(tmp_path_factory):
 @example(preset="quick", switch="voc", key="data.root", text="/some/dir")  # the case
 @example(preset="tiny", switch=None, key="students.cnn.options", text="{foo: 1}")
 @example(preset="tiny", switch=None, key="data.options", text="{root: x}")
+@example(preset=None, switch=None, key="methods.nosuch", text="null")  # found by hypothesis: reset to {} first
 @example(preset="tiny", switch="voc", key="data.train_options", text="{crop_size: [0, 4]}")
 def test_any_set_override_validates_or_names_the_key(preset, switch, key, text, voc_root):
     argv = (TINY_ARGS if preset == "tiny" else ["--preset", preset] if preset else []) + ["--set"]

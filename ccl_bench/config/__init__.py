@@ -407,7 +407,8 @@ def _check_methods(config: dict) -> None:
         raise ConfigError(f"method={config['method']!r} is unknown; expected one of {names}")
     for name, options in config["methods"].items():
         if name not in names:
-            raise ConfigError(f"methods.{name}={options!r}: unknown method {name!r}; expected one of {names}")
+            # the value does not matter (and null was already reset to {}): the section's name is the error
+            raise ConfigError(f"unknown method {name!r} in the section methods.{name}; expected one of {names}")
         if not isinstance(options, dict):
             raise ConfigError(f"methods.{name}={options!r}; expected a mapping of that method's options")
         try:
