@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from ccl_bench.kernels import DEFAULT_SHAPES, OPS, implementations, make_case_inputs
+from ccl_bench.kernels import DEFAULT_SHAPES, KL_OPS, OPS, implementations, make_case_inputs, students_of
+from ccl_bench.kernels.bench import total
 from ccl_ops.testing import DTYPE_BY_NAME
 
 DEVICE = torch.device(os.environ.get("CCL_BENCH_DEVICE", "cpu"))
@@ -31,11 +32,11 @@ def _sync():
 @pytest.mark.parametrize("op", OPS)
 def test_forward(benchmark, op, impl):
     fn = implementations(op, DEVICE)[impl]
-    za, zb, y = make_case_inputs(SHAPE, DTYPE, DEVICE)
+    logits, y = make_case_inputs(SHAPE, DTYPE, DEVICE, students=students_of(op))
 
     def call():
         with torch.no_grad():
-            out = fn(za, zb, y)
+            out = fn(logits, y)
         _sync()
         return out
 
@@ -45,15 +46,14 @@ def test_forward(benchmark, op, impl):
 
 
 @pytest.mark.parametrize("impl", ("eager", "compile", "fused"))
-def test_pixel_selective_kl_forward_backward(benchmark, impl):
-    fn = implementations("pixel_selective_kl", DEVICE)[impl]
-    za, zb, y = make_case_inputs(SHAPE, DTYPE, DEVICE)
-    za.requires_grad_()
-    zb.requires_grad_()
+@pytest.mark.parametrize("op", KL_OPS)
+def test_forward_backward(benchmark, op, impl):
+    fn = implementations(op, DEVICE)[impl]
+    logits, y = make_case_inputs(SHAPE, DTYPE, DEVICE, students=students_of(op))
+    logits = [z.requires_grad_() for z in logits]
 
     def call():
-        loss_a, loss_b = fn(za, zb, y)
-        grads = torch.autograd.grad(loss_a + loss_b, (za, zb))
+        grads = torch.autograd.grad(total(fn(logits, y)), logits)
         _sync()
         return grads
 

@@ -5,20 +5,21 @@ and CUDA kernels when the compiled extension is present, and fall back to the pu
 :mod:`ccl_ops.reference` (with one warning) when it is not; :func:`backend` says which serves a device.
 Their option values and result types are in :mod:`ccl_ops.types`; :mod:`ccl_ops.resize` brings logits to the
 label grid, which the ops expect. :mod:`ccl_ops.peers` holds the K-student forms of pixel- and region-wise BSD
-(METHOD.md §9).
+(METHOD.md §9), the reference of the fused ``pixel_selective_kl_peers``.
 """
 from . import reference
 from .losses import (PixelBSDLoss, RegionBSDLoss, RegionBSDOutput, RegionBSDPeersLoss, RegionBSDPeersOutput,
                      direction_on_grid)
-from .ops import KERNEL_DEVICES, backend, pixel_selective_kl, region_direction_mask
+from .ops import KERNEL_DEVICES, MAX_PEERS, backend, pixel_selective_kl, pixel_selective_kl_peers, region_direction_mask
 from .peers import (RegionRole, RegionTargets, peer_masks, pixel_bsd_peers, region_feature_losses, region_roles,
                     region_targets, targets_on_grid)
 from .resize import resize_bilinear, to_label_size
-from .types import LEARNERS, NORMALIZATIONS, RULES, SCORES, RegionMask, SelectiveKL
+from .types import LEARNERS, NORMALIZATIONS, RULES, SCORES, RegionMask, SelectiveKL, SelectiveKLPeers
 
 __all__ = [
     "KERNEL_DEVICES",
     "LEARNERS",
+    "MAX_PEERS",
     "NORMALIZATIONS",
     "PixelBSDLoss",
     "RULES",
@@ -31,11 +32,13 @@ __all__ = [
     "RegionTargets",
     "SCORES",
     "SelectiveKL",
+    "SelectiveKLPeers",
     "backend",
     "direction_on_grid",
     "peer_masks",
     "pixel_bsd_peers",
     "pixel_selective_kl",
+    "pixel_selective_kl_peers",
     "reference",
     "region_direction_mask",
     "region_feature_losses",

@@ -11,8 +11,9 @@ import warnings
 import torch
 
 from . import reference
-from ._validate import check_kl_call, check_region_call
-from .types import RegionMask, SelectiveKL
+from ._validate import (check_choice, check_kl_call, check_label_values, check_peer_logits, check_region_call,
+                        check_temperature)
+from .types import NORMALIZATIONS, RULES, RegionMask, SelectiveKL, SelectiveKLPeers
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.ccl.*)
@@ -21,12 +22,14 @@ try:
 except ImportError as exc:  # the package still works, on the reference
     _EXTENSION_ERROR = exc
 
-OPS = ("pixel_selective_kl", "region_direction_mask")
+OPS = ("pixel_selective_kl", "pixel_selective_kl_peers", "region_direction_mask")
 # Devices where pixel_selective_kl writes the gradients in its forward pass when the logits require grad. On a
 # CPU the op is compute-bound: writing them while the probabilities are at hand saves the backward a second
 # round of exponentials. On a GPU it is memory-bound: recomputing in the backward reads the logits once more,
 # while the stored gradients would be read and written again to scale them, so the backward kernel recomputes.
 FUSED_GRADIENT_DEVICES = frozenset({"cpu"})
+# The most students pixel_selective_kl_peers takes (kMaxPeers in csrc/ops/checks.h).
+MAX_PEERS = 8
 
 
 def _kernel_devices() -> frozenset[str]:
@@ -94,6 +97,47 @@ def pixel_selective_kl(
         za, zb, y, t, rule, normalize, int(ignore_index), learners, grad_mask
     )
     return SelectiveKL(loss_a, loss_b, count_ab, count_ba)
+
+
+def pixel_selective_kl_peers(
+    logits,
+    y: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    rule: str = "correct",
+    normalize: str = "valid",
+    ignore_index: int = 255,
+) -> SelectiveKLPeers:
+    """Pixel-wise selective KL among K >= 2 students (METHOD.md §9 on §1) in one pass over the K logit tensors.
+
+    ``logits``: a list of K (at most 8) (N, C, H, W) tensors of one shape, dtype and device. Student s learns at
+    each pixel from the mean of the peers the two-student ``rule`` selects to teach it; ``losses[s]`` is the fused
+    form of ``ccl_ops.peers.pixel_bsd_peers(...)[s]``, its plain-PyTorch reference (and this function's fallback
+    where there is no kernel). With two students it equals :func:`pixel_selective_kl` (``[loss_a, loss_b]``).
+    The gradients are written in the forward pass wherever a student's logits require grad (the kernel has them
+    at hand; the backward scales them), so K logits-sized gradients are held from the forward to the backward.
+    """
+    k = check_peer_logits(logits, y)
+    t = check_temperature(temperature)
+    check_choice("rule", rule, RULES)
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    if k > MAX_PEERS:
+        raise ValueError(f"logits must hold at most {MAX_PEERS} students' logits for the fused op, got K = {k}")
+    logits = list(logits)
+    if not _use_kernel(logits[0].device):
+        from .peers import peer_masks, pixel_bsd_peers
+
+        losses = pixel_bsd_peers(logits, y, temperature=t, rule=rule, normalize=normalize, ignore_index=ignore_index)
+        with torch.no_grad():
+            masks = peer_masks([z.detach() for z in logits], y, rule=rule, ignore_index=ignore_index)
+            counts = [torch.stack([masks[r][s] for r in range(k) if r != s]).any(0).sum() for s in range(k)]
+        return SelectiveKLPeers(torch.stack(losses), torch.stack(counts))
+    if not torch.compiler.is_compiling():
+        check_label_values(y, logits[0].shape[1], ignore_index)
+    grad_mask = [torch.is_grad_enabled() and z.requires_grad for z in logits]
+    losses, counts, _, _ = torch.ops.ccl.pixel_selective_kl_peers(logits, y, t, rule, normalize, int(ignore_index),
+                                                                  grad_mask)
+    return SelectiveKLPeers(losses, counts)
 
 
 def region_direction_mask(
@@ -194,3 +238,45 @@ if _EXTENSION_ERROR is None:
         return (grads[0], grads[1]) + (None,) * 7
 
     torch.library.register_autograd("ccl::pixel_selective_kl", _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake("ccl::pixel_selective_kl_peers")
+    def _pixel_selective_kl_peers_fake(logits, y, temperature, rule, normalize, ignore_index, grad_mask):
+        z = logits[0]
+        acc = _opmath_dtype(z.dtype)
+        k = len(logits)
+        grads = [x.new_empty(x.shape) if needed else x.new_empty((0,)) for x, needed in zip(logits, grad_mask)]
+        return z.new_empty((k,), dtype=acc), z.new_empty((k,), dtype=torch.int64), z.new_empty((), dtype=acc), grads
+
+    def _peers_setup_context(ctx, inputs, output):
+        logits, y, temperature, rule, normalize, ignore_index, grad_mask = inputs
+        _, counts, norm, grads = output
+        ctx.mark_non_differentiable(counts, norm, *grads)
+        ctx.set_materialize_grads(False)
+        ctx.options = (temperature, rule, normalize, ignore_index)
+        fused = [g if asked else None for g, asked in zip(grads, grad_mask)]
+        if all(g is None or type(g) is torch.Tensor for g in fused):  # eager: handed out once (see _setup_context)
+            ctx.save_for_backward(y, *logits)
+            ctx.fused = fused
+        else:  # traced (torch.compile): saved as usual; the backward stays functional
+            ctx.save_for_backward(y, *logits, *(g for g in fused if g is not None))
+            ctx.fused = None
+        ctx.grad_mask = list(grad_mask)
+
+    def _peers_backward(ctx, grad_losses, *_):
+        y, *saved = ctx.saved_tensors
+        k = len(ctx.grad_mask)
+        logits, traced = saved[:k], iter(saved[k:])
+        fused = ctx.fused if ctx.fused is not None else [next(traced) if m else None for m in ctx.grad_mask]
+        needs = ctx.needs_input_grad[0]  # one flag per student (a Tensor[] input)
+        wanted = [bool(needs[s]) and grad_losses is not None for s in range(k)]
+        grads = [_scaled(fused[s], grad_losses[s]) if wanted[s] and fused[s] is not None else None for s in range(k)]
+        if ctx.fused is not None:
+            ctx.fused = [None] * k  # handed out (and maybe scaled): a second backward recomputes
+        recompute = [wanted[s] and grads[s] is None for s in range(k)]
+        if any(recompute):
+            again = torch.ops.ccl.pixel_selective_kl_peers(list(logits), y, *ctx.options, recompute)[3]
+            grads = [again[s] * grad_losses[s] if recompute[s] else grads[s] for s in range(k)]
+        return grads, None, None, None, None, None, None
+
+    torch.library.register_autograd("ccl::pixel_selective_kl_peers", _peers_backward,
+                                    setup_context=_peers_setup_context)

@@ -2,7 +2,8 @@
 (``ccl-bench kernels``) and the GPU scripts in ``benchmarks/gpu``.
 
 :func:`make_inputs` builds a pair of student logits and labels where each student is right on about half the
-pixels (so that both directions of teaching occur), in any dtype, device and memory layout; :data:`LOSS_TOL`,
+pixels (so that both directions of teaching occur), in any dtype, device and memory layout (:func:`make_peer_inputs`
+K students); :data:`LOSS_TOL`,
 :data:`GRAD_TOL` and :data:`SCORE_TOL` are the per-dtype tolerances of the fused ops against the float64
 reference. Needs only torch (no pytest, no hypothesis).
 """
@@ -58,14 +59,23 @@ def make_inputs(seed: int, n: int, c: int, h: int, w: int, dtype: torch.dtype = 
     directions of teaching occur); ``right_frac=0`` leaves the logits plain noise. A share ``ignore_frac`` of
     the labels is ``ignore_index``.
     """
+    (za, zb), y = make_peer_inputs(seed, 2, n, c, h, w, dtype, scale, ignore_frac, device, layout, ignore_index,
+                                   right_frac)
+    return za, zb, y
+
+
+def make_peer_inputs(seed: int, k: int, n: int, c: int, h: int, w: int, dtype: torch.dtype = torch.float32,
+                     scale: float = 3.0, ignore_frac: float = 0.2, device="cpu", layout: str = "contiguous",
+                     ignore_index: int = 255, right_frac: float = 0.5):
+    """``k`` students' logits (a list) and their labels, drawn as :func:`make_inputs` draws two (which it is,
+    with ``k = 2``: the same random stream)."""
     g = torch.Generator().manual_seed(seed)
-    za = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * scale
-    zb = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * scale
+    logits = [torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * scale for _ in range(k)]
     y = torch.randint(0, c, (n, h, w), generator=g)
     if right_frac:
-        boost = torch.rand(2, n, h, w, generator=g) < right_frac
-        for z, b in ((za, boost[0]), (zb, boost[1])):
+        boost = torch.rand(k, n, h, w, generator=g) < right_frac
+        for z, b in zip(logits, boost):
             z.scatter_add_(1, y[:, None], b[:, None].double() * 2.0 * scale)
     y[torch.rand(n, h, w, generator=g) < ignore_frac] = ignore_index
     to = dict(device=device, dtype=dtype)
-    return with_layout(za.to(**to), layout), with_layout(zb.to(**to), layout), y.to(device)
+    return [with_layout(z.to(**to), layout) for z in logits], y.to(device)

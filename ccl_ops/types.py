@@ -28,6 +28,13 @@ class SelectiveKL(NamedTuple):
         return self.loss_a + self.loss_b
 
 
+class SelectiveKLPeers(NamedTuple):
+    """Result of :func:`ccl_ops.pixel_selective_kl_peers` (K students)."""
+
+    losses: torch.Tensor  # (K,): losses[s] is student s's loss, differentiable w.r.t. logits[s] only
+    counts: torch.Tensor  # int64 (K,): pixels where student s learns from at least one peer
+
+
 class RegionMask(NamedTuple):
     """Result of :func:`ccl_ops.region_direction_mask`."""
 

@@ -9,7 +9,9 @@ def test_kernels_benchmark_writes_its_table(tmp_path, capsys):
     assert main(["kernels", "--shapes", "1x3x16x20", "--reps", "2", "--warmup", "1", "--impls", "eager,fused",
                  "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "kernels_cpu.csv")
-    assert set(table.impl) == {"eager", "fused"} and set(table.op) == {"pixel_selective_kl", "region_direction_mask"}
+    assert set(table.impl) == {"eager", "fused"}
+    assert set(table.op) == {"pixel_selective_kl", "pixel_selective_kl_peers", "region_direction_mask"}
+    assert (table[table.op == "pixel_selective_kl_peers"].students == 3).all()
     for column in ("fwd_ms", "fwd_bwd_ms", "fwd_GBps", "peak_extra_MB", "copy_GBps", "fwd_bwd_x_vs_eager",
                    "pct_of_copy_bw", "x_floor", "fwd_thread_speedup"):
         assert column in table
@@ -17,9 +19,10 @@ def test_kernels_benchmark_writes_its_table(tmp_path, capsys):
     assert (kl.fwd_bwd_ms > 0).all() and (kl.copy_GBps > 0).all() and (kl.x_floor > 0).all()
     assert (table[table.impl == "fused"].fwd_thread_speedup > 0).all()
     assert table[table.impl == "eager"].fwd_x_vs_eager.eq(1).all()  # a ratio within each round
-    # forward+backward of the fused op allocates at least its two gradients
-    fused = kl[kl.impl == "fused"].iloc[0]
-    assert fused.peak_extra_logits >= 2
+    # forward+backward of a fused op allocates at least its gradients, one per student
+    for op, students in (("pixel_selective_kl", 2), ("pixel_selective_kl_peers", 3)):
+        fused = table[(table.op == op) & (table.impl == "fused")].iloc[0]
+        assert fused.peak_extra_logits >= students and fused.fwd_bwd_ms > 0
     markdown = (tmp_path / "kernels_cpu.md").read_text()
     assert "| op" in markdown and "alloc_fill_2_logits_ms" in markdown and "allocator" in markdown
     assert "ccl-bench kernels" in capsys.readouterr().out
@@ -50,6 +53,7 @@ def test_interleaved_timing_runs_every_call_once_a_round_in_rotating_order():
     (["--shapes", "1x3x16"], "each shape is NxCxHxW"),
     (["--dtypes", "float8"], "--dtypes: unknown"),
     (["--ops", "softmax"], "--ops: unknown"),
+    (["--students", "9"], "--students: 9; expected 2 to 8"),
 ])
 def test_kernels_benchmark_rejects_bad_arguments(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):

@@ -2,6 +2,7 @@
 the Liger-Kernel peer (:mod:`.liger_peer`). The inputs come from :mod:`ccl_ops.testing`."""
 from .bench import (
     DEFAULT_SHAPES,
+    KL_OPS,
     OPS,
     BenchArgumentError,
     Case,
@@ -12,11 +13,13 @@ from .bench import (
     make_case_inputs,
     peak_extra_bytes,
     run,
+    students_of,
 )
 from .cli import add_parser, main
 
 __all__ = [
     "DEFAULT_SHAPES",
+    "KL_OPS",
     "OPS",
     "BenchArgumentError",
     "Case",
@@ -29,4 +32,5 @@ __all__ = [
     "make_case_inputs",
     "peak_extra_bytes",
     "run",
+    "students_of",
 ]

@@ -2,7 +2,8 @@
 
 Implementations per op: ``eager`` (the pure-PyTorch reference), ``compile`` (``torch.compile`` of the same
 reference arithmetic), ``fused`` (the ccl_ops kernel) and, on CUDA where Liger-Kernel imports, ``liger``
-(Liger's KL loss composed with the same masks). For each op x shape x dtype it reports, per implementation, the
+(Liger's KL loss composed with the same masks). The two-student ops get two students' logits, the K-student
+``pixel_selective_kl_peers`` ``--students`` of them (default 3; its reference is ``ccl_ops.pixel_bsd_peers``). For each op x shape x dtype it reports, per implementation, the
 median time of the forward and of forward+backward, the peak memory allocated during forward+backward beyond
 its inputs, and the achieved bandwidth against the minimal bytes.
 
@@ -18,8 +19,8 @@ ratio within a round:
 
 * ``*_x_vs_<peer>`` = peer time / this time;
 * ``x_floor`` = fwd_bwd_ms (fwd_ms for a forward-only op) / floor time, the floor being the time to move the
-  minimal bytes at the round's copy bandwidth: read both logits and the labels once, write both gradients once
-  (forward only: read both logits and the labels); ``pct_of_copy_bw`` = 100 / x_floor;
+  minimal bytes at the round's copy bandwidth: read every student's logits and the labels once, write every
+  gradient once (forward only: read the logits and the labels); ``pct_of_copy_bw`` = 100 / x_floor;
 * ``fwd_thread_speedup`` (fused only) = forward time with 1 thread / forward time with all threads.
 
 A second table gives, per op x shape x dtype, the copy bandwidth and the allocation cost of the same rounds.
@@ -37,10 +38,12 @@ import torch
 import ccl_ops
 from ccl_ops import reference
 from ccl_ops.ops import OPS
-from ccl_ops.testing import DTYPE_BY_NAME, make_inputs
+from ccl_ops.testing import DTYPE_BY_NAME, make_peer_inputs
 
 DEFAULT_SHAPES = {"cpu": "2x19x512x512", "cuda": "8x19x512x1024"}
 PEERS = ("eager", "compile")
+KL_OPS = ("pixel_selective_kl", "pixel_selective_kl_peers")  # the ops with a backward (timed forward+backward)
+PEER_STUDENTS = 3  # students in the K-student op's cases unless asked otherwise
 
 
 @dataclass
@@ -49,41 +52,63 @@ class Case:
     shape: tuple[int, int, int, int]
     dtype: torch.dtype
     device: torch.device
+    students: int = 2
 
 
-def make_case_inputs(shape, dtype, device, seed=0):
-    """The benchmark's inputs: :func:`ccl_ops.testing.make_inputs` (each student right on about half the
-    pixels, so both teaching directions occur) with 5% of the pixels ignored."""
-    return make_inputs(seed, *shape, dtype, ignore_frac=0.05, device=device)
+def students_of(op: str, peer_students: int = PEER_STUDENTS) -> int:
+    """How many students' logits an op's cases get."""
+    return peer_students if op == "pixel_selective_kl_peers" else 2
+
+
+def make_case_inputs(shape, dtype, device, seed=0, students=2):
+    """The benchmark's inputs, (a list of ``students`` logits, labels): :func:`ccl_ops.testing.make_peer_inputs`
+    (each student right on about half the pixels, so every teaching direction occurs) with 5% of the pixels
+    ignored."""
+    return make_peer_inputs(seed, students, *shape, dtype, ignore_frac=0.05, device=device)
 
 
 def implementations(op: str, device: torch.device) -> dict[str, Callable]:
-    """name -> fn(za, zb, y) returning (loss_a, loss_b) for the KL op, or the direction mask for the region op."""
+    """name -> fn(logits, y), ``logits`` a list of the students' logits, returning the losses for the KL ops, or
+    the direction mask for the region op."""
     if op == "pixel_selective_kl":
-        def kl_math(za, zb, y):
-            return reference.pixel_selective_kl_math(za, zb, y, 1.0, "correct", "valid", 255)[:2]
+        def kl_math(z, y):
+            return reference.pixel_selective_kl_math(*z, y, 1.0, "correct", "valid", 255)[:2]
 
         impls = {
             "eager": kl_math,
             "compile": torch.compile(kl_math, dynamic=False),
-            "fused": lambda za, zb, y: ccl_ops.pixel_selective_kl(za, zb, y)[:2],
+            "fused": lambda z, y: ccl_ops.pixel_selective_kl(*z, y)[:2],
         }
         if device.type == "cuda":
             from . import liger_peer
 
             if liger_peer.available():
-                impls["liger"] = lambda za, zb, y: liger_peer.pixel_selective_kl_math(
-                    za, zb, y, 1.0, "correct", "valid", 255)[:2]
+                impls["liger"] = lambda z, y: liger_peer.pixel_selective_kl_math(
+                    *z, y, 1.0, "correct", "valid", 255)[:2]
         return impls
+    if op == "pixel_selective_kl_peers":
+        def peers_math(z, y):
+            return ccl_ops.pixel_bsd_peers(z, y)
 
-    def region_math(za, zb, y):
-        return reference.region_direction_mask_math(za, zb, y, 16, 16, "ce", 255).direction
+        return {
+            "eager": peers_math,
+            "compile": torch.compile(peers_math, dynamic=False),
+            "fused": lambda z, y: ccl_ops.pixel_selective_kl_peers(z, y).losses,
+        }
+
+    def region_math(z, y):
+        return reference.region_direction_mask_math(*z, y, 16, 16, "ce", 255).direction
 
     return {
         "eager": region_math,
         "compile": torch.compile(region_math, dynamic=False),
-        "fused": lambda za, zb, y: ccl_ops.region_direction_mask(za, zb, y).direction,
+        "fused": lambda z, y: ccl_ops.region_direction_mask(*z, y).direction,
     }
+
+
+def total(losses) -> torch.Tensor:
+    """The sum of the losses an implementation returns (a tuple of scalars or a (K,) tensor)."""
+    return losses.sum() if isinstance(losses, torch.Tensor) else sum(losses[1:], losses[0])
 
 
 @dataclass
@@ -163,26 +188,26 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
 def run_case(case: Case, impls: dict[str, Callable], warmup: int, reps: int, rotations: int,
              threads_scaling: bool) -> tuple[list[dict], dict]:
     """Rows of every implementation of one op x shape x dtype, and the row of the same rounds' copy and allocation."""
-    inputs = [make_case_inputs(case.shape, case.dtype, case.device, seed=s) for s in range(rotations)]
-    leaves = [(a.clone().requires_grad_(), b.clone().requires_grad_(), labels) for a, b, labels in inputs]
-    za, _, y = inputs[0]
+    inputs = [make_case_inputs(case.shape, case.dtype, case.device, seed=s, students=case.students)
+              for s in range(rotations)]
+    leaves = [([z.clone().requires_grad_() for z in logits], labels) for logits, labels in inputs]
+    (za, *_), y = inputs[0]
     logit_bytes = za.numel() * za.element_size()
-    fwd_bytes = 2 * logit_bytes + y.numel() * y.element_size()  # read both logits and the labels
-    has_backward = case.op == "pixel_selective_kl"
-    floor_bytes = fwd_bytes + 2 * logit_bytes if has_backward else fwd_bytes  # + write both gradients
+    fwd_bytes = case.students * logit_bytes + y.numel() * y.element_size()  # read the logits and the labels
+    has_backward = case.op in KL_OPS
+    floor_bytes = fwd_bytes + case.students * logit_bytes if has_backward else fwd_bytes  # + write the gradients
 
     def forward(fn):
         def call(i):
-            a, b, labels = inputs[i % rotations]
+            logits, labels = inputs[i % rotations]
             with torch.no_grad():
-                return fn(a, b, labels)
+                return fn(logits, labels)
         return call
 
     def forward_backward(fn):
         def call(i):
-            a, b, labels = leaves[i % rotations]
-            loss_a, loss_b = fn(a, b, labels)
-            return torch.autograd.grad(loss_a + loss_b, (a, b))
+            logits, labels = leaves[i % rotations]
+            return torch.autograd.grad(total(fn(logits, labels)), logits)
         return call
 
     src = torch.empty(za.shape, dtype=torch.float32, device=case.device).normal_()
@@ -203,7 +228,8 @@ def run_case(case: Case, impls: dict[str, Callable], warmup: int, reps: int, rot
     copy_bytes = 2 * src.numel() * src.element_size()  # read + write
     floor_ms = [floor_bytes / copy_bytes * t for t in times["copy"]]  # the minimal bytes at the round's copy bw
     copy_gbps = copy_bytes / (statistics.median(times["copy"]) * 1e-3) / 1e9
-    key = dict(op=case.op, shape="x".join(map(str, case.shape)), dtype=str(case.dtype).removeprefix("torch."))
+    key = dict(op=case.op, students=case.students, shape="x".join(map(str, case.shape)),
+               dtype=str(case.dtype).removeprefix("torch."))
     rows = []
     for name, fn in impls.items():
         row = dict(key, impl=name, fwd_ms=statistics.median(times[f"{name}/fwd"]))
@@ -257,11 +283,13 @@ def parse_arguments(device: str, shapes: str | None, dtypes: str, ops: str):
 
 def run(device: str = "cpu", shapes: str | None = None, dtypes: str = "float32", ops: str = ",".join(OPS),
         impls: str | None = None, warmup: int = 3, reps: int = 10, rotations: int | None = None,
-        threads_scaling: bool | None = None):
+        threads_scaling: bool | None = None, students: int = PEER_STUDENTS):
     """(all cases, the copy and allocation costs of their rounds) as two pandas DataFrames."""
     import pandas as pd
 
     dev, shape_list, dtype_names, op_names = parse_arguments(device, shapes, dtypes, ops)
+    if not 2 <= students <= ccl_ops.MAX_PEERS:
+        raise BenchArgumentError(f"--students: {students}; expected 2 to {ccl_ops.MAX_PEERS}")
     # On CUDA, rotate through enough input sets that L2 cannot serve them (H100/H200 L2: 50-60 MB).
     rotations = rotations or (3 if dev.type == "cuda" else 1)
     if threads_scaling is None:
@@ -272,12 +300,12 @@ def run(device: str = "cpu", shapes: str | None = None, dtypes: str = "float32",
             for op in op_names:
                 chosen = {name: fn for name, fn in implementations(op, dev).items()
                           if not impls or name in impls.split(",")}
-                case = Case(op, shape, DTYPE_BY_NAME[dtype_name], dev)
+                case = Case(op, shape, DTYPE_BY_NAME[dtype_name], dev, students_of(op, students))
                 case_rows, case_costs = run_case(case, chosen, warmup, reps, rotations, threads_scaling)
                 rows += case_rows
                 costs.append(case_costs)
                 for row in case_rows:
-                    print(f"  {op:22s} {row['impl']:8s} {row['shape']} {dtype_name}: fwd {row['fwd_ms']:.2f} ms"
+                    print(f"  {op:24s} {row['impl']:8s} {row['shape']} {dtype_name}: fwd {row['fwd_ms']:.2f} ms"
                           + (f", fwd+bwd {row['fwd_bwd_ms']:.2f} ms" if "fwd_bwd_ms" in row else "")
                           + f", x_floor {row['x_floor']:.2f}", flush=True)
     return pd.DataFrame(rows), pd.DataFrame(costs)

@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     try:
         table, costs = bench.run(args.device, args.shapes, args.dtypes, args.ops, args.impls, args.warmup, args.reps,
-                                 args.rotations, args.threads_scaling)
+                                 args.rotations, args.threads_scaling, args.students)
     except bench.BenchArgumentError as exc:  # the message alone, as argparse does for its own errors
         raise SystemExit(str(exc)) from None
     csv = write_tables(table, costs, Path(args.out), device)
@@ -45,6 +45,8 @@ def add_parser(subparsers) -> None:
                                                   "8x19x512x1024 on CUDA)")
     p.add_argument("--dtypes", default="float32", help=f"comma-separated, from {list(bench.DTYPE_BY_NAME)}")
     p.add_argument("--ops", default=",".join(bench.OPS), help="comma-separated subset of the ops")
+    p.add_argument("--students", type=int, default=bench.PEER_STUDENTS,
+                   help="students in the cases of pixel_selective_kl_peers (default: %(default)s)")
     p.add_argument("--impls", default=None, help="comma-separated subset of eager,compile,fused,liger")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10, help="timed rounds; medians over them are reported")

@@ -1,8 +1,8 @@
 """The proposed method (METHOD.md §3-5, §9): CE + HFD + region-wise BSD + pixel-wise BSD, each term switchable.
 
 Two students run the fused two-student ops (:class:`ccl_ops.PixelBSDLoss`, :class:`ccl_ops.RegionBSDLoss`); K > 2
-students run their K-peer forms (:func:`ccl_ops.pixel_bsd_peers`, :class:`ccl_ops.RegionBSDPeersLoss`), which
-equal the two-student ops at K = 2. HFD runs over a list of (source, target) pairs (``hfd_pairs``).
+students run their K-peer forms (the fused :func:`ccl_ops.pixel_selective_kl_peers`, one pass over the K logits;
+:class:`ccl_ops.RegionBSDPeersLoss`), which equal the two-student ops at K = 2. HFD runs over a list of (source, target) pairs (``hfd_pairs``).
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccl_ops import (NORMALIZATIONS, RULES, SCORES, PixelBSDLoss, RegionBSDLoss, RegionBSDPeersLoss, peer_masks,
-                     pixel_bsd_peers, resize_bilinear)
+from ccl_ops import (NORMALIZATIONS, RULES, SCORES, PixelBSDLoss, RegionBSDLoss, RegionBSDPeersLoss,
+                     pixel_selective_kl_peers, resize_bilinear)
 
 from ..models import run_stage
 from ..student_names import MAX_STUDENTS
@@ -140,12 +140,8 @@ class CCL(Method):
             stats["pixel_ab"] = share(kl.count_ab, n)
             stats["pixel_ba"] = share(kl.count_ba, n)
             return {"pbsd_a": o["lambda_pbsd"] * kl.loss_a, "pbsd_b": o["lambda_pbsd"] * kl.loss_b}
-        logits = [out.logits for out in outs]
-        kls = pixel_bsd_peers(logits, y, temperature=o["temperature"], rule=o["rule"], normalize=o["normalize"],
-                              ignore_index=self.ignore_index)
-        with torch.no_grad():  # where each student learns from at least one peer
-            masks = peer_masks([z.detach() for z in logits], y, rule=o["rule"], ignore_index=self.ignore_index)
-            for s, slot in enumerate(self.slots):
-                learns = torch.stack([masks[r][s] for r in range(len(outs)) if r != s]).any(0)
-                stats[f"pixel_{slot}"] = share(learns.sum(), n)
-        return {f"pbsd_{slot}": o["lambda_pbsd"] * kl for slot, kl in zip(self.slots, kls)}
+        kl = pixel_selective_kl_peers([out.logits for out in outs], y, temperature=o["temperature"], rule=o["rule"],
+                                      normalize=o["normalize"], ignore_index=self.ignore_index)
+        for s, slot in enumerate(self.slots):  # where each student learns from at least one peer
+            stats[f"pixel_{slot}"] = share(kl.counts[s], n)
+        return {f"pbsd_{slot}": o["lambda_pbsd"] * kl.losses[s] for s, slot in enumerate(self.slots)}

@@ -6,6 +6,7 @@
 #include <array>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "kinds.h"
 
@@ -83,5 +84,28 @@ inline void check_temperature(double temperature) {
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
               "temperature must be a finite number > 0, got ", temperature);
 }
+
+}  // namespace ccl
+
+namespace ccl {
+
+// At most this many students in pixel_selective_kl_peers (the kernels keep per-student state in fixed arrays).
+constexpr int64_t kMaxPeers = 8;
+
+// logits: 2..kMaxPeers (N, C, H, W) tensors, each checked against the first as za and zb are; grad_mask: one
+// entry per student.
+// (The schema's bool[] reaches a kernel as c10::List<bool>; use mask_of() for a plain vector.)
+inline void check_peer_logits(at::TensorList logits, const at::Tensor& y, const c10::List<bool>& grad_mask) {
+  const int64_t K = static_cast<int64_t>(logits.size());
+  TORCH_CHECK_VALUE(K >= 2 && K <= kMaxPeers, "logits must hold 2 to ", kMaxPeers, " students' logits, got ", K);
+  for (int64_t s = 1; s < K; ++s) check_logits_and_labels(logits[0], logits[s], y);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(grad_mask.size()) == K, "grad_mask must have one entry per student (", K,
+                    "), got ", grad_mask.size());
+}
+
+inline std::vector<bool> mask_of(const c10::List<bool>& mask) { return {mask.begin(), mask.end()}; }
+
+// The outputs of pixel_selective_kl_peers: losses, counts, norm, grads.
+using PeersOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 
 }  // namespace ccl
