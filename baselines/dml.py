@@ -24,22 +24,14 @@ def peer_kl(logits: Sequence[torch.Tensor], y: torch.Tensor, *, temperature: flo
     """DML's K-peer form (METHOD.md §9): student ``s`` gets ``T^2 mean_{r != s} KL(sg p_r || p_s)``, averaged over
     the valid pixels; one float32 scalar per student, differentiable w.r.t. its own logits only.
 
-    Every unordered pair goes once through :func:`mutual_kl` (the fused op computes both directions in one pass);
-    the mean over peers of the pair losses is exact because every pair divides by the same ``n_valid``. With
-    K = 2 the single peer's loss is returned as is, so it is :func:`mutual_kl`'s ``loss_a``/``loss_b`` to the bit.
+    With K = 2 this is :func:`mutual_kl` (``loss_a``/``loss_b``, to the bit). With K > 2 it is the K-student
+    selective KL with every peer teaching everywhere (``rule="all"``, :func:`ccl_ops.pixel_selective_kl_peers`):
+    one pass over the K logits instead of a fused call per pair.
     """
     k = check_peer_logits(logits, y)
-    from_peers: list[list[torch.Tensor]] = [[] for _ in range(k)]
-    for s in range(k):
-        for r in range(s + 1, k):  # appended in increasing peer index for every student
-            pair = mutual_kl(logits[s], logits[r], y, temperature=temperature, ignore_index=ignore_index)
-            from_peers[s].append(pair.loss_a)  # s learns from r
-            from_peers[r].append(pair.loss_b)  # r learns from s
-    return [mean_of_terms(terms) for terms in from_peers]
-
-
-def mean_of_terms(terms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The mean of scalar loss terms; a single term comes back untouched (no arithmetic: K = 2 stays bitwise)."""
-    if len(terms) == 1:
-        return terms[0]
-    return torch.stack(list(terms)).sum() / len(terms)
+    if k == 2:
+        pair = mutual_kl(logits[0], logits[1], y, temperature=temperature, ignore_index=ignore_index)
+        return [pair.loss_a, pair.loss_b]
+    losses = ccl_ops.pixel_selective_kl_peers(list(logits), y, temperature=temperature, rule="all",
+                                              ignore_index=ignore_index).losses
+    return list(losses.unbind())

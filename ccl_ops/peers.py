@@ -7,7 +7,7 @@ labels; student ``s`` is ``logits[s]``. With K = 2 every function here is its tw
   reference, in the style of :mod:`ccl_ops.reference` (every mask materialised), with that module's arithmetic:
   at K = 2 it equals the reference to the bit and the fused op to float tolerance.
 * :func:`region_targets` is :func:`ccl_ops.region_direction_mask` (target 0 where ``d = +1``, 1 where ``d = -1``):
-  it is built from the op's pairwise decisions, so that it agrees with it exactly.
+  it is built from the op's scores and compares them as the op does, so that it agrees with it exactly.
 """
 from __future__ import annotations
 
@@ -104,27 +104,33 @@ def region_targets(logits: Sequence[torch.Tensor], y: torch.Tensor, *, region=(1
     is strictly better than every other student's is the target of all the others; a tie for the best, or a
     region without a valid pixel, gives -1 (ties teach nobody).
 
-    Built from :func:`ccl_ops.region_direction_mask` on every pair (s, r): s wins a region where it beats every
-    peer there. At most one student can (two winners would each beat the other), and with K = 2 the target is
-    exactly the op's direction (0 where ``d = +1``, 1 where ``d = -1``, -1 where ``d = 0``). Not differentiable.
+    Each student's scores come from :func:`ccl_ops.region_direction_mask` once (students paired up: ceil(K/2)
+    calls, not one per pair; a student's score depends on its own logits only), and a region's winner is the
+    student that beats every peer in the comparison the op makes between two students' float32 scores (the CUDA
+    kernel compares float64 logits' scores before rounding: K > 2 may then differ at a tie within float32
+    rounding), so that with K = 2 the target is exactly the op's direction (0 where ``d = +1``, 1 where ``d = -1``, -1 where
+    ``d = 0``). Not differentiable.
     """
     k = check_peer_logits(logits, y)
     check_choice("score", score, SCORES)
     rh, rw = check_region(region)
-    wins: list[torch.Tensor | None] = [None] * k  # s beats every peer seen so far
+    if k == 2:  # the op's own decision
+        pair = region_direction_mask(logits[0], logits[1], y, region=(rh, rw), score=score, ignore_index=ignore_index)
+        target = torch.where(pair.direction > 0, 0, torch.where(pair.direction < 0, 1, -1)).to(torch.int64)
+        return RegionTargets(target, pair.scores)
     scores: list[torch.Tensor | None] = [None] * k
-    for s in range(k):
-        for r in range(s + 1, k):
-            pair = region_direction_mask(logits[s], logits[r], y, region=(rh, rw), score=score,
-                                         ignore_index=ignore_index)
-            for who, beats, own in ((s, pair.direction > 0, pair.scores[:, 0]), (r, pair.direction < 0,
-                                                                                pair.scores[:, 1])):
-                wins[who] = beats if wins[who] is None else wins[who] & beats
-                scores[who] = own if scores[who] is None else scores[who]  # a student's score is its own
+    for s in range(0, k, 2):
+        r = s + 1 if s + 1 < k else 0  # an odd K pairs the last student with the first (its score again)
+        pair = region_direction_mask(logits[s], logits[r], y, region=(rh, rw), score=score, ignore_index=ignore_index)
+        scores[s], scores[r] = pair.scores[:, 0], pair.scores[:, 1]
+    stacked = torch.stack(scores, 1)  # (N, K, Hr, Wr)
+    # As the op: "a beats b" is a < b for cross-entropy, a > b for accuracy, false with a NaN.
+    better = stacked if score == "accuracy" else -stacked
+    wins = [torch.stack([better[:, s] > better[:, r] for r in range(k) if r != s]).all(0) for s in range(k)]
     target = torch.full_like(wins[0], -1, dtype=torch.int64)
     for s in range(k):
         target = torch.where(wins[s], s, target)
-    return RegionTargets(target, torch.stack(scores, 1))
+    return RegionTargets(target, stacked)
 
 
 def region_roles(target: torch.Tensor, num_students: int) -> list[RegionRole]:
