@@ -32,11 +32,17 @@ stage_runs() {  # three students first (the cheaper), seed by seed
   done; done; done | xargs -P "$PARALLEL" -L 1 bash -c 'job "$@"' job
 }
 
+# HFD over a list of pairs that grows linearly with K (each CNN with one ViT, both ways; an odd one out one way),
+# against METHOD.md §9's default of every ordered CNN-ViT pair (2, 4 and 8 pairs for K = 2, 3, 4).
+declare -A LINEAR_HFD=([small-data]="[[0,1],[1,0]]" [small-data-k3]="[[0,2],[2,0],[1,2]]"
+                       [small-data-k4]="[[0,2],[2,0],[1,3],[3,1]]")
 stage_cost() {  # seconds per step per method and K on one fixed batch, both cores, nothing else running
   local methods
   methods=$(IFS=,; echo "${METHODS[*]}")
   for preset in small-data small-data-k3 small-data-k4; do
     ccl-bench overhead --preset "$preset" --methods "$methods" --steps 20 --warmup 3 --out "$OUT/cost_$preset.csv"
+    ccl-bench overhead --preset "$preset" --methods independent,ccl --steps 20 --warmup 3 \
+      --set "methods.ccl.hfd_pairs=${LINEAR_HFD[$preset]}" --out "$OUT/cost_${preset}_linear_hfd.csv"
   done
 }
 
