@@ -33,6 +33,7 @@ SOURCES = (
     "csrc/cuda/pixel_math.cuh",
     "csrc/cuda/selective_kl_pixel.cuh",
     "csrc/cuda/pixel_selective_kl_kernel.cuh",
+    "csrc/cuda/pixel_selective_kl_peers_kernel.cuh",
     "csrc/cuda/region_direction_mask_kernel.cuh",
 )
 FLAGS = (
@@ -56,6 +57,8 @@ OUTPUT_DTYPES = {
     "loss_a": "acc", "loss_b": "acc", "norm": "acc", "count_ab": torch.int64, "count_ba": torch.int64,
     "selection": torch.uint8, "grad_za": "scalar", "grad_zb": "scalar", "direction": torch.int8,
     "scores": torch.float32, "part_kl": torch.float64, "part_count": torch.int64,
+    "losses": "acc", "counts": torch.int64, "learners": torch.uint8,
+    **{f"grad{s}": "scalar" for s in range(8)},  # pixel_selective_kl_peers: up to kMaxPeers students
 }
 
 
@@ -120,6 +123,24 @@ def region_case(za, zb, y, *, region=(16, 16), score="ce", ignore_index=255) -> 
                 ignore_index=ignore_index)
 
 
+def peers_case(logits, y, *, temperature=1.0, rule="correct", normalize="valid", ignore_index=255, grad_mask=None,
+               **geometry) -> dict:
+    """A pixel_selective_kl_peers case; grad_mask defaults to every student."""
+    mask = [True] * len(logits) if grad_mask is None else list(grad_mask)
+    return dict(op="peers", logits=list(logits), y=y, K=len(logits), T=temperature, rule=RULE_CODES[rule],
+                normalize_valid=int(normalize == "valid"), ignore_index=ignore_index,
+                grad_mask=sum(1 << s for s, on in enumerate(mask) if on), **geometry)
+
+
+def _inputs(case: dict) -> dict[str, tuple[torch.Tensor, str]]:
+    """A case's input tensors: file stem -> (tensor, prefix of its stride keys in args.txt)."""
+    if case["op"] == "peers":
+        named = {f"z{s}": (z, f"sz{s}_") for s, z in enumerate(case["logits"])}
+    else:
+        named = {"za": (case["za"], "sa"), "zb": (case["zb"], "sb")}
+    return {**named, "y": (case["y"], "sy")}
+
+
 def run(exe: Path, cases: list[dict], check: bool = True):
     """Runs the cases in one harness process. Returns one dict of output tensors per case, or with
     check=False the CompletedProcess (for tests that expect the harness to fail)."""
@@ -128,17 +149,17 @@ def run(exe: Path, cases: list[dict], check: bool = True):
         for i, case in enumerate(cases):
             d = Path(tmp) / f"case{i}"
             d.mkdir()
-            za, zb, y = case["za"], case["zb"], case["y"]
-            n, c, h, w = za.shape
-            args = {k: v for k, v in case.items() if k not in ("za", "zb", "y")}
-            args.update(N=n, C=c, H=h, W=w, dtype=str(za.dtype).removeprefix("torch."))
+            inputs = _inputs(case)
+            first = next(iter(inputs.values()))[0]
+            n, c, h, w = first.shape
+            args = {k: v for k, v in case.items() if k not in ("za", "zb", "logits", "y")}
+            args.update(N=n, C=c, H=h, W=w, dtype=str(first.dtype).removeprefix("torch."))
             args.setdefault("seed", 1 + i)  # of the random thread order: a different schedule for every case
-            for key, t in (("sa", za), ("sb", zb), ("sy", y)):
+            for stem, (t, key) in inputs.items():
                 args.update({f"{key}{k}": s for k, s in enumerate(t.stride())})
+                # a gap read as a logit is NaN; as a label, it trips the label assert
+                _write(d / f"{stem}.bin", _exact(t, 1 << 40 if stem == "y" else float("nan")))
             (d / "args.txt").write_text("".join(f"{k} {v}\n" for k, v in args.items()))
-            _write(d / "za.bin", _exact(za, float("nan")))
-            _write(d / "zb.bin", _exact(zb, float("nan")))
-            _write(d / "y.bin", _exact(y, 1 << 40))  # a gap read as a label trips the label assert
             dirs.append(d)
         proc = subprocess.run([str(exe), *map(str, dirs)], capture_output=True, text=True, env={**os.environ, **ENV})
         if not check:
@@ -147,11 +168,12 @@ def run(exe: Path, cases: list[dict], check: bool = True):
             raise AssertionError(f"SIMT harness failed (rc={proc.returncode}):\n{proc.stderr[-8000:]}")
         results = []
         for case, d in zip(cases, dirs):
-            scalar = case["za"].dtype
+            inputs = _inputs(case)
+            scalar = next(iter(inputs.values()))[0].dtype
             acc = torch.float64 if scalar == torch.float64 else torch.float32
             out = {}
             for f in d.glob("*.bin"):
-                if f.stem in ("za", "zb", "y") or f.stem not in OUTPUT_DTYPES:
+                if f.stem in inputs or f.stem not in OUTPUT_DTYPES:
                     continue
                 kind = OUTPUT_DTYPES[f.stem]
                 dtype = acc if kind == "acc" else scalar if kind == "scalar" else kind

@@ -12,6 +12,8 @@
 // and the term of s, mean over R_s of KL(p_r || p_s), is sum_r w[r][s] (A_r - log S_r) - B_s + log S_s
 // (S: the sum of the exponentials; log p = d - log S). The cost per element is K exponentials (once per student,
 // not per pair) and K(K-1) multiply-adds for the teachers' means: small against the exponentials for K <= 8.
+// Identical students give exactly 0 where a student has one or two teachers (w = 1 or 1/2: q_s = p_s exactly),
+// within a rounding of p otherwise (the CUDA kernel forms its means so that they are exact).
 // Per-tile partial sums are reduced in tile order: the result does not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -86,6 +86,9 @@ CCL_HD float dlog(float x) { return ::log1pf(x - 1.0f); }
 CCL_HD double dlog(double x) { return ::log(x); }
 CCL_HD bool disnan(float x) { return x != x; }
 CCL_HD bool disnan(double x) { return x != x; }
+// False for +-inf and NaN (inf - inf is NaN).
+CCL_HD bool disfinite(float x) { return x - x == 0.0f; }
+CCL_HD bool disfinite(double x) { return x - x == 0.0; }
 
 // torch.argmax order: a NaN beats any number (the first NaN wins), ties keep the lowest index. Call with
 // c in increasing order; (best, index) start at (z_0, 0).

@@ -6,21 +6,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <limits>
-
 #include "../ops/checks.h"
 #include "pixel_selective_kl_kernel.cuh"
 #include "tensor_views.h"
 
 namespace ccl::cuda {
 namespace {
-
-void check_sizes(const at::Tensor& za) {
-  const int64_t C = za.size(1), HW = za.size(2) * za.size(3);
-  TORCH_CHECK(C <= std::numeric_limits<int>::max(), "ccl (CUDA): C = ", C, " is too large");
-  TORCH_CHECK(HW <= std::numeric_limits<int>::max() - kThreads, "ccl (CUDA): H * W = ", HW,
-              " is too large (at most 2^31 - 257 pixels per image)");
-}
 
 std::tuple<at::Tensor, at::Tensor> pixel_selective_kl_backward_cuda(const at::Tensor& grad_loss_a,
                                                                     const at::Tensor& grad_loss_b,

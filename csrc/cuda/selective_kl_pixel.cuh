@@ -107,26 +107,35 @@ CCL_HD OnlineSoftmax<acc_t, kWithUnitT> online_stats(const scalar_t* __restrict_
   return st;
 }
 
+// The online pass a rule needs: s1 (the sum at T = 1) only for rule 'confidence' with T != 1; otherwise
+// s1 = s (equal at T = 1, unused by the other rules).
+template <typename scalar_t, typename acc_t>
+CCL_HD OnlineSoftmax<acc_t, true> rule_stats(const scalar_t* __restrict__ p, int64_t s_c, int C, acc_t inv_t,
+                                             Rule rule) {
+  if (rule == Rule::kConfidence && inv_t != acc_t(1)) return online_stats<true>(p, s_c, C, inv_t);
+  const auto st = online_stats<false>(p, s_c, C, inv_t);
+  OnlineSoftmax<acc_t, true> out;
+  out.m = st.m, out.index = st.index, out.s = out.s1 = st.s;
+  return out;
+}
+
+// Cross-entropy at T = 1 of a pixel, -log softmax(z)[label], from its statistics and the labelled logit.
+template <typename acc_t>
+CCL_HD acc_t cross_entropy(const OnlineSoftmax<acc_t, true>& st, acc_t z_label) {
+  return dlog(st.s1) - (z_label - st.m);
+}
+
 // Any C: an online pass for the statistics, then (selected pixels only) a pass for the KL numerators.
 template <typename scalar_t, typename acc_t>
 CCL_HD uint8_t forward_pixel_online(const scalar_t* __restrict__ pa, int64_t sa_c,
                                     const scalar_t* __restrict__ pb, int64_t sb_c, int C,
                                     int label, acc_t inv_t, Rule rule, acc_t& term_ab,
                                     acc_t& term_ba) {
-  // s1 (the sum at T = 1) is only needed by rule 'confidence' with T != 1; otherwise s1 = s at T = 1.
-  OnlineSoftmax<acc_t, true> A, B;
-  if (rule == Rule::kConfidence && inv_t != acc_t(1)) {
-    A = online_stats<true>(pa, sa_c, C, inv_t);
-    B = online_stats<true>(pb, sb_c, C, inv_t);
-  } else {
-    const auto a = online_stats<false>(pa, sa_c, C, inv_t), b = online_stats<false>(pb, sb_c, C, inv_t);
-    A.m = a.m, A.index = a.index, A.s = A.s1 = a.s;
-    B.m = b.m, B.index = b.index, B.s = B.s1 = b.s;
-  }
+  const auto A = rule_stats(pa, sa_c, C, inv_t, rule), B = rule_stats(pb, sb_c, C, inv_t, rule);
   uint8_t bits;
   if (rule == Rule::kConfidence) {
-    const acc_t ya = static_cast<acc_t>(pa[label * sa_c]), yb = static_cast<acc_t>(pb[label * sb_c]);
-    bits = select_by_ce(dlog(A.s1) - (ya - A.m), dlog(B.s1) - (yb - B.m));
+    bits = select_by_ce(cross_entropy(A, static_cast<acc_t>(pa[label * sa_c])),
+                        cross_entropy(B, static_cast<acc_t>(pb[label * sb_c])));
   } else {
     bits = select_by_argmax(rule, A.index, B.index, label);
   }

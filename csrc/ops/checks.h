@@ -89,9 +89,6 @@ inline void check_temperature(double temperature) {
 
 namespace ccl {
 
-// At most this many students in pixel_selective_kl_peers (the kernels keep per-student state in fixed arrays).
-constexpr int64_t kMaxPeers = 8;
-
 // logits: 2..kMaxPeers (N, C, H, W) tensors, each checked against the first as za and zb are; grad_mask: one
 // entry per student.
 // (The schema's bool[] reaches a kernel as c10::List<bool>; use mask_of() for a plain vector.)

@@ -16,4 +16,7 @@ constexpr uint8_t kBteachesA = 2;
 // that feeds each: loss_a is taught where B teaches A, loss_b where A teaches B.
 constexpr uint8_t kBothLearn = kAteachesB | kBteachesA;
 
+// At most this many students in pixel_selective_kl_peers (the kernels keep per-student state in fixed arrays).
+constexpr int kMaxPeers = 8;
+
 }  // namespace ccl

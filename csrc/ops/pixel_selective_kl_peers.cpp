@@ -11,9 +11,9 @@ TORCH_LIBRARY_FRAGMENT(ccl, m) {
   // counts (K,) int64: the valid pixels where each student learns (R_s,i not empty); norm: n (opmath scalar),
   // max(1, valid pixels) for normalize='valid', max(1, pixels where any student learns) for 'selected';
   // grads: K tensors, grads[s] = d losses[s] / d logits[s] = T / n * [R_s,i not empty] * (p_s - mean_{R_s,i} p_r)
-  // (contiguous, the logits' shape and dtype) where grad_mask[s], else an empty tensor. The gradients are
-  // written in the same pass (there is no backward op: the autograd backward scales them, and a second backward
-  // through a retained graph calls this op again).
+  // (contiguous, the logits' shape and dtype) where grad_mask[s], else an empty tensor. The op writes the
+  // gradients itself (CPU: in the forward pass; CUDA: a second kernel once n is known), so there is no backward
+  // op: the autograd backward scales them, and a second backward through a retained graph calls this op again.
   m.def(
       "pixel_selective_kl_peers(Tensor[] logits, Tensor y, float temperature, str rule, str normalize, "
       "int ignore_index, bool[] grad_mask) -> (Tensor, Tensor, Tensor, Tensor[])");

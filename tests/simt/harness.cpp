@@ -1,15 +1,16 @@
 // SIMT harness: executes the project's CUDA kernels (csrc/cuda/*_kernel.cuh, compiled as host C++ with simt.h
 // force-included) on the CPU, through the launch arithmetic the .cu launchers use. Driven by
-// tests/test_simt.py:
+// tests/test_simt.py and tests/test_simt_peers.py:
 //
 //     simt_harness CASE_DIR...
 //
-// Each CASE_DIR holds args.txt ("key value" lines) and the inputs as raw files (za.bin, zb.bin, y.bin: exactly
-// the elements the strides can reach). Every buffer is a malloc of its exact size, so AddressSanitizer stops an
-// access one element out of bounds; outputs and scratch start poisoned (0x5A bytes) so an element a kernel
-// forgets to write shows. Each case runs once per thread order (forward, reverse, seeded random); the outputs
-// must be bitwise identical across orders, then go to CASE_DIR/<name>.bin. Any failure exits non-zero with a
-// message naming the kernel ("SIMT ERROR ...") or a sanitizer report.
+// Each CASE_DIR holds args.txt ("key value" lines) and the inputs as raw files (za.bin, zb.bin, y.bin, or
+// z0.bin..z<K-1>.bin and y.bin for op peers: exactly the elements the strides can reach). Every buffer is a
+// malloc of its exact size, so AddressSanitizer stops an access one element out of bounds; outputs and scratch
+// start poisoned (0x5A bytes) so an element a kernel forgets to write shows. Each case runs once per thread
+// order (forward, reverse, seeded random); the outputs must be bitwise identical across orders, then go to
+// CASE_DIR/<name>.bin. Any failure exits non-zero with a message naming the kernel ("SIMT ERROR ...") or a
+// sanitizer report.
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -21,6 +22,7 @@
 #include <sstream>
 
 #include "../../csrc/cuda/pixel_selective_kl_kernel.cuh"
+#include "../../csrc/cuda/pixel_selective_kl_peers_kernel.cuh"
 #include "../../csrc/cuda/region_direction_mask_kernel.cuh"
 #include "simt_runtime.h"
 
@@ -175,6 +177,59 @@ void run_kl(const Args& a, Heap& heap, Outputs& out, simt::Order order, uint64_t
   });
 }
 
+// pixel_selective_kl_peers: forward, finalize and gradients, as pixel_selective_kl_peers_cuda launches them.
+// Student s's logits are z<s>.bin with strides sz<s>_0..3; grad_mask is a bit mask (bit s: grads[s] wanted).
+template <typename scalar_t>
+void run_peers(const Args& a, Heap& heap, Outputs& out, simt::Order order, uint64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t K = a.i64("K"), N = a.i64("N"), C = a.i64("C"), H = a.i64("H"), W = a.i64("W"), HW = H * W;
+  const double temperature = a.f64("T");
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const Labels y{input<int64_t>(heap, a, "y"), a.i64("sy0"), a.i64("sy1"), a.i64("sy2")};
+  const Rule rule = static_cast<Rule>(a.i64("rule"));
+  const bool normalize_valid = a.i64("normalize_valid") != 0;
+  const int64_t ignore_index = a.i64("ignore_index"), grad_mask = a.i64("grad_mask");
+  const int64_t max_grid_y = a.i64("max_grid_y", kMaxGridY);  // test-only geometry knobs, as in run_kl
+  const int final_threads = static_cast<int>(a.i64("final_threads", kFinalThreads));
+  const int k = static_cast<int>(K);
+  with_peer_bucket(K, [&](auto bucket) {
+    constexpr int KMAX = decltype(bucket)::value;
+    PeerLogits<scalar_t, KMAX> z{};
+    for (int s = 0; s < k; ++s) {
+      const std::string name = "z" + std::to_string(s), st = "s" + name + "_";
+      z.z[s] = {input<scalar_t>(heap, a, name), a.i64(st + "0"), a.i64(st + "1"), a.i64(st + "2"), a.i64(st + "3")};
+    }
+    acc_t* losses = out.add<acc_t>(heap, "losses", K);
+    auto* counts = out.add<int64_t>(heap, "counts", K);
+    acc_t* norm = out.add<acc_t>(heap, "norm", 1);
+    auto* learners = out.add<uint8_t>(heap, "learners", N * HW);
+    PeerGrads<scalar_t, KMAX> grads{};
+    for (int s = 0; s < k; ++s) {
+      grads.g[s] = (grad_mask >> s & 1) ? out.add<scalar_t>(heap, "grad" + std::to_string(s), N * C * HW) : nullptr;
+    }
+    const bool has_pixels = N > 0 && HW > 0;
+    const dim3 grid = pixel_grid(N, HW, max_grid_y);
+    const int64_t blocks = has_pixels ? static_cast<int64_t>(grid.x) * grid.y : 0;
+    auto* part_kl = out.add<double>(heap, "part_kl", K * blocks);
+    auto* part_count = out.add<long long>(heap, "part_count", (K + 2) * blocks);
+    const std::string t = std::string(type_name<scalar_t>()) + ", KMAX=" + std::to_string(KMAX);
+    if (has_pixels) {
+      simt::launch("peers_forward_kernel<" + t + ">", kThreads, grid, dim3(kThreads), order, seed,
+                   &peers_forward_kernel<scalar_t, acc_t, KMAX>, z, k, y, N, static_cast<int>(C),
+                   static_cast<int>(W), static_cast<int>(HW), inv_t, rule, ignore_index, learners, part_kl,
+                   part_count);
+    }
+    simt::launch(std::string("peers_finalize_kernel<") + type_name<scalar_t>() + ">", kFinalThreads, dim3(1),
+                 dim3(final_threads), order, seed + 1, &peers_finalize_kernel<acc_t>, part_kl, part_count, blocks,
+                 k, temperature * temperature, normalize_valid, losses, counts, norm);
+    if (has_pixels && grad_mask != 0) {
+      simt::launch("peers_grad_kernel<" + t + ">", kThreads, grid, dim3(kThreads), order, seed + 2,
+                   &peers_grad_kernel<scalar_t, acc_t, KMAX>, z, k, y, learners, N, static_cast<int>(C),
+                   static_cast<int>(W), static_cast<int>(HW), inv_t, rule, ignore_index, temperature, norm, grads);
+    }
+  });
+}
+
 // region_direction_mask, as region_direction_mask_cuda launches it.
 template <typename scalar_t>
 void run_region(const Args& a, Heap& heap, Outputs& out, simt::Order order, uint64_t seed) {
@@ -201,6 +256,7 @@ void run_case(const Args& a, Heap& heap, Outputs& out, simt::Order order, uint64
   const std::string& op = a.str("op");
   if (op == "kl") return run_kl<scalar_t>(a, heap, out, order, seed);
   if (op == "region") return run_region<scalar_t>(a, heap, out, order, seed);
+  if (op == "peers") return run_peers<scalar_t>(a, heap, out, order, seed);
   simt::fail("unknown op '" + op + "'");
 }
 
