@@ -2,7 +2,7 @@
 # Re-creates every number of docs/K_PEERS.md: independent training, DML, KDCL-MinLogit and CCL with two, three and
 # four students in the converged small-data regime, 3 seeds, and the cost of a step against K. From the
 # repository root after the README's install:
-#     bash docs/kpeers/run.sh [runs|cost|report]...     (default: all three, in that order)
+#     bash docs/kpeers/run.sh [runs|cost|kernels|report]...     (default: all four, in that order)
 # The two-student rows are the third edition's runs (docs/results3, docs/positive_control: the same preset,
 # seeds and engine arithmetic). Runs go two at a time, one thread each; a finished run is reused, a started one
 # resumed (SIGTERM stops a run at a checkpoint).
@@ -46,6 +46,13 @@ stage_cost() {  # seconds per step per method and K on one fixed batch, both cor
   done
 }
 
+stage_kernels() {  # the K-student selective KL alone against K: fused, eager and torch.compile of its reference
+  for k in 2 3 4 8; do
+    ccl-bench kernels --ops pixel_selective_kl_peers --students "$k" --shapes 16x21x64x64 --reps 10 \
+      --out "$OUT/kernels_k$k" > /dev/null
+  done
+}
+
 stage_report() {
   local two=(docs/positive_control/runs/cnn-vit/plain docs/results3/runs/cnn-vit/defaults/kdcl-minlogit
              docs/results3/runs/cnn-vit/defaults/ccl)
@@ -59,5 +66,5 @@ stage_report() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(runs cost report)
+[ ${#stages[@]} -gt 0 ] || stages=(runs cost kernels report)
 for stage in "${stages[@]}"; do "stage_$stage"; done
