@@ -104,12 +104,12 @@ def region_targets(logits: Sequence[torch.Tensor], y: torch.Tensor, *, region=(1
     is strictly better than every other student's is the target of all the others; a tie for the best, or a
     region without a valid pixel, gives -1 (ties teach nobody).
 
-    Each student's scores come from :func:`ccl_ops.region_direction_mask` once (students paired up: ceil(K/2)
-    calls, not one per pair; a student's score depends on its own logits only), and a region's winner is the
-    student that beats every peer in the comparison the op makes between two students' float32 scores (the CUDA
-    kernel compares float64 logits' scores before rounding: K > 2 may then differ at a tie within float32
-    rounding), so that with K = 2 the target is exactly the op's direction (0 where ``d = +1``, 1 where ``d = -1``, -1 where
-    ``d = 0``). Not differentiable.
+    Each student's scores come from :func:`ccl_ops.region_direction_mask` once (students paired up: ceil(K/2) calls,
+    not one per pair; a student's score depends on its own logits only), and a region's winner is the student that
+    beats every peer in the comparison the op makes between two students' float32 scores (the CUDA kernel compares
+    float64 logits' scores before rounding: K > 2 may then differ at a tie within float32 rounding), so that with
+    K = 2 the target is exactly the op's direction (0 where ``d = +1``, 1 where ``d = -1``, -1 where ``d = 0``).
+    Not differentiable.
     """
     k = check_peer_logits(logits, y)
     check_choice("score", score, SCORES)

@@ -98,6 +98,20 @@ def build(defines: tuple[str, ...] = (), mutate=None, name: str = "harness") -> 
     return out
 
 
+def mutator(mutations):
+    """A ``build(mutate=...)`` function from ``(file, original, mutated)`` replacements in the harness's sources;
+    each original text must stand exactly once in its file (so that a changed kernel cannot silently drop one)."""
+    mutations = list(mutations)
+
+    def mutate(rel: str, text: str) -> str:
+        for file, original, mutated in mutations:
+            if file == rel:
+                assert text.count(original) == 1, f"mutation site not found exactly once in {rel}: {original!r}"
+                text = text.replace(original, mutated)
+        return text
+    return mutate
+
+
 def _exact(t: torch.Tensor, poison) -> torch.Tensor:
     """The elements t's strides can reach, as one flat buffer; the gaps between them hold `poison`."""
     span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from simt_harness import SUPPORTED, build, kl_case, region_case, run
+from simt_harness import SUPPORTED, build, kl_case, mutator, region_case, run
 
 from ccl_ops.testing import make_inputs
 
@@ -42,17 +42,9 @@ MUTATIONS = {
 }
 
 
-def mutate(rel: str, text: str) -> str:
-    for file, original, mutated in MUTATIONS.values():
-        if file == rel:
-            assert text.count(original) == 1, f"mutation site not found exactly once in {rel}: {original!r}"
-            text = text.replace(original, mutated)
-    return text
-
-
 @pytest.fixture(scope="module")
 def mutant_harness():
-    return build(defines=("CCL_SIMT_FLOAT32_ONLY",), mutate=mutate, name="mutant")
+    return build(defines=("CCL_SIMT_FLOAT32_ONLY",), mutate=mutator(MUTATIONS.values()), name="mutant")
 
 
 def cases():

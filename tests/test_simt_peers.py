@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from simt_harness import RULE_CODES, SUPPORTED, build, peers_case, run
+from simt_harness import RULE_CODES, SUPPORTED, build, mutator, peers_case, run
 
 from ccl_ops import RULES
 from ccl_ops.peers import peer_masks, pixel_bsd_peers
@@ -231,17 +231,10 @@ MUTATIONS = {
 HEADER = "csrc/cuda/pixel_selective_kl_peers_kernel.cuh"
 
 
-def mutate(rel: str, text: str) -> str:
-    if rel == HEADER:
-        for original, mutated in MUTATIONS.values():
-            assert text.count(original) == 1, f"mutation site not found exactly once in {rel}: {original!r}"
-            text = text.replace(original, mutated)
-    return text
-
-
 @pytest.fixture(scope="module")
 def mutant_harness():
-    return build(defines=("CCL_SIMT_FLOAT32_ONLY",), mutate=mutate, name="mutant-peers")
+    return build(defines=("CCL_SIMT_FLOAT32_ONLY",), mutate=mutator((HEADER, *m) for m in MUTATIONS.values()),
+                 name="mutant-peers")
 
 
 def mutant_cases():

@@ -1,11 +1,12 @@
 """``ccl-bench kernels``: speed and memory of the ccl ops against their peers.
 
-Implementations per op: ``eager`` (the pure-PyTorch reference), ``compile`` (``torch.compile`` of the same
-reference arithmetic), ``fused`` (the ccl_ops kernel) and, on CUDA where Liger-Kernel imports, ``liger``
-(Liger's KL loss composed with the same masks). The two-student ops get two students' logits, the K-student
-``pixel_selective_kl_peers`` ``--students`` of them (default 3; its reference is ``ccl_ops.pixel_bsd_peers``). For each op x shape x dtype it reports, per implementation, the
-median time of the forward and of forward+backward, the peak memory allocated during forward+backward beyond
-its inputs, and the achieved bandwidth against the minimal bytes.
+Implementations per op: ``eager`` (the pure-PyTorch reference), ``compile`` (``torch.compile`` of the same reference
+arithmetic), ``fused`` (the ccl_ops kernel) and, on CUDA where Liger-Kernel imports, ``liger`` (Liger's KL loss
+composed with the same masks). The two-student ops get two students' logits, the K-student
+``pixel_selective_kl_peers`` ``--students`` of them (default 3; its reference is ``ccl_ops.pixel_bsd_peers``). For
+each op x shape x dtype it reports, per implementation, the median time of the forward and of forward+backward, the
+peak memory allocated during forward+backward beyond its inputs, and the achieved bandwidth against the minimal
+bytes.
 
 Timing is interleaved: for each op x shape x dtype, every timed call is warmed up first, then each repetition
 (a round) times every one of them once in turn (the starting point rotating from round to round), so that

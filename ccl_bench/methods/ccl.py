@@ -2,7 +2,8 @@
 
 Two students run the fused two-student ops (:class:`ccl_ops.PixelBSDLoss`, :class:`ccl_ops.RegionBSDLoss`); K > 2
 students run their K-peer forms (the fused :func:`ccl_ops.pixel_selective_kl_peers`, one pass over the K logits;
-:class:`ccl_ops.RegionBSDPeersLoss`), which equal the two-student ops at K = 2. HFD runs over a list of (source, target) pairs (``hfd_pairs``).
+:class:`ccl_ops.RegionBSDPeersLoss`), which equal the two-student ops at K = 2. HFD runs over a list of (source,
+target) pairs (``hfd_pairs``).
 """
 from __future__ import annotations
 
