@@ -45,7 +45,7 @@ def main() -> None:
     chosen, sections = study_sections(args.folder)
     text = ("Score: the mean of the two students' final validation mIoU (%) on the held-out copy of the data "
             "(`data.options.seed=1`), training seed 0. Knobs: default → chosen.\n\n"
-            + chosen.to_markdown(index=False, floatfmt=".2f") + "\n\n## Trials\n\n" + "\n".join(sections))
+            + chosen.fillna("–").to_markdown(index=False, floatfmt=".2f") + "\n\n## Trials\n\n" + "\n".join(sections))
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
