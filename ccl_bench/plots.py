@@ -151,39 +151,71 @@ def _direction_rgb(direction: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def plot_overlays(run_dir: str, path: str, title: str | None = None,
+# One colour per student (A, B, C, ...) in the K-student maps: its name in the key, its RGB.
+STUDENT_COLOURS = (("red", (0.85, 0.2, 0.15)), ("blue", (0.15, 0.35, 0.85)), ("green", (0.2, 0.65, 0.3)),
+                   ("orange", (0.9, 0.6, 0.1)), ("purple", (0.55, 0.3, 0.75)), ("brown", (0.45, 0.3, 0.2)),
+                   ("pink", (0.9, 0.45, 0.7)), ("grey", (0.4, 0.4, 0.4)))
+
+
+def _target_rgb(target: np.ndarray) -> np.ndarray:
+    """Each region in its target student's colour, white where there is none (-1)."""
+    rgb = np.ones(target.shape + (3,), np.float32)
+    for s, (_, colour) in enumerate(STUDENT_COLOURS):
+        rgb[target == s] = colour
+    return rgb
+
+
+def _learners_rgb(learners: np.ndarray) -> np.ndarray:
+    """Pixels where one student learns in its colour, where several learn black, white where none does."""
+    rgb = np.ones(learners.shape + (3,), np.float32)
+    for s, (_, colour) in enumerate(STUDENT_COLOURS):
+        rgb[learners == 1 << s] = colour
+    several = (learners & (learners - 1)) != 0
+    rgb[several] = 0.0
+    return rgb
+
+
+def plot_overlays(run_dir: str, path: str, heading: str | None = None,
                   names: dict[str, str] | None = None) -> str | None:
-    """Image, labels, both predictions, who teaches each pixel and each region (red: A→B, blue: B→A)."""
+    """Image, labels, every student's prediction, who teaches each pixel and each region: with two students red
+    where A teaches B, blue where B teaches A; with K > 2 (METHOD.md §9) the pixels where each student learns
+    and each region's target, in the students' colours. The title is ``heading`` (default: the run folder's
+    name) and the colour key."""
     source = os.path.join(run_dir, "overlays.npz")
     if not os.path.isfile(source):
         return None
     plt = _pyplot()
-    names = names or {slot: student_label(slot, None) for slot in "ab"}
     with np.load(source) as stored:
         data = {legacy_column(k): stored[k] for k in stored.files}
+    students = [k for k in LETTERS if f"pred_{k}" in data]
+    names = names or {slot: student_label(slot, None) for slot in students}
+    peers = "region_target" in data
     images, labels = data["images"], data["labels"]
     rh, rw = (int(v) for v in data["region"])
     ignore = int(data["ignore_index"])
     count = len(images)
     grid = tuple(int(v) for v in data["region_grid"]) if "region_grid" in data else ()
     score = f", {data['score']}" if "score" in data else ""
-    cols = ("image", "label", f"{names['a']} prediction", f"{names['b']} prediction",
-            f"pixels ({data['rule']} rule)", f"regions {rh}x{rw}{score}" + (f" on {grid[0]}x{grid[1]}" if grid else ""))
+    shown = students if peers else students[:2]
+    cols = ("image", "label", *(f"{names.get(k, k.upper())} prediction" for k in shown),
+            f"pixels ({data['rule']} rule)" + (": who learns" if peers else ""),
+            f"regions {rh}x{rw}{score}" + (f" on {grid[0]}x{grid[1]}" if grid else "") + (": target" if peers else ""))
     fig, axes = plt.subplots(count, len(cols), figsize=(2.2 * len(cols), 2.2 * count), squeeze=False)
-    vmax = max(int(labels[labels != ignore].max(initial=0)), int(data["pred_a"].max()), int(data["pred_b"].max()))
+    vmax = max([int(labels[labels != ignore].max(initial=0))] + [int(data[f"pred_{k}"].max()) for k in shown])
     for i in range(count):
         h, w = labels[i].shape
-        region = data["region_direction"][i]
+        region = data["region_target" if peers else "region_direction"][i]
         if region.shape != (h, w):  # one value per region (no training grid recorded)
             region = np.kron(region, np.ones((rh, rw), np.int8))[:h, :w]
         label = np.ma.masked_equal(labels[i], ignore)
-        panels = (images[i], label, data["pred_a"][i], data["pred_b"][i],
-                  _direction_rgb(data["pixel_direction"][i]), _direction_rgb(region))
+        maps = ((_learners_rgb(data["pixel_learners"][i]), _target_rgb(region)) if peers else
+                (_direction_rgb(data["pixel_direction"][i]), _direction_rgb(region)))
+        panels = (images[i], label, *(data[f"pred_{k}"][i] for k in shown), *maps)
         for j, panel in enumerate(panels):
             ax = axes[i, j]
-            if j in (1, 2, 3):
+            if 1 <= j < len(panels) - 2:
                 ax.imshow(panel, cmap="tab20", vmin=0, vmax=max(vmax, 1), interpolation="nearest")
-            elif j >= 4:
+            elif j >= len(panels) - 2:
                 ax.imshow(images[i])
                 ax.imshow(panel, alpha=0.6, interpolation="nearest")
             else:
@@ -192,7 +224,12 @@ def plot_overlays(run_dir: str, path: str, title: str | None = None,
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(cols[j], fontsize=8)
-    fig.suptitle(title or f"{os.path.basename(run_dir)}: red = A teaches B, blue = B teaches A", fontsize=9)
+    if peers:
+        key = ", ".join(f"{names.get(k, k.upper())} {c}" for k, (c, _) in zip(shown, STUDENT_COLOURS))
+        key += "; black: several students learn"
+    else:
+        key = f"red = {names.get('a', 'A')} teaches {names.get('b', 'B')}, blue = the reverse"
+    fig.suptitle(f"{heading or os.path.basename(run_dir)}: {key}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -212,8 +249,7 @@ def plot_all(runs: pd.DataFrame, out: str) -> dict[str, str]:
         first = group.sort_values("seed").iloc[0]
         safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in method)
         path = plot_overlays(first["run_dir"], os.path.join(out, f"overlays_{safe}.png"),
-                             f"{method} (seed {first['seed']}): red = {names['a']} teaches {names['b']}, "
-                             f"blue = the reverse", names)
+                             f"{method} (seed {first['seed']})", names)
         if path:
             written[f"overlays_{method}"] = path
     return written

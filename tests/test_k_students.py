@@ -176,6 +176,36 @@ def test_three_students_train_resume_report_and_export(tmp_path, capsys):
     assert json.loads((out / "dml" / "seed0" / "metrics.json").read_text())["step"] == 3
 
 
+def test_overlays_of_three_students_draw_who_learns_and_each_regions_target(tmp_path):
+    # The K-student maps are the selection training makes (peer_masks, the region targets on the training grid),
+    # and the plot shows every student's prediction beside them.
+    import numpy as np
+
+    from ccl_bench.engine.evaluation import save_overlays
+    from ccl_bench.plots import plot_overlays
+    from ccl_ops import peer_masks, targets_on_grid
+    from ccl_ops.testing import make_peer_inputs
+
+    logits, y = make_peer_inputs(3, 3, 2, 5, 32, 32)
+    x = torch.rand(2, 3, 32, 32)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_overlays(str(run / "overlays.npz"), [(x, y, *logits)], 2, method_options={"rule": "correct", "region": [8, 8]},
+                  ignore_index=IGNORE, mean=None, std=None, step=1, region_grid=(4, 4))
+    masks = peer_masks(logits, y, rule="correct")
+    target = targets_on_grid(logits, y, (4, 4), region=(8, 8))
+    with np.load(run / "overlays.npz") as data:
+        learners = torch.from_numpy(data["pixel_learners"])
+        for s in range(3):
+            learns = masks[(s + 1) % 3][s] | masks[(s + 2) % 3][s]
+            assert torch.equal((learners >> s) & 1 == 1, learns)
+        assert (learners > 0).any() and (torch.from_numpy(data["region_target"]) >= 0).any()
+        assert torch.equal(torch.from_numpy(data["region_target"][:, ::8, ::8]).long(), target)
+        assert {"pred_a", "pred_b", "pred_c", "pixel_direction", "region_direction"} <= set(data.files)
+    png = plot_overlays(str(run), str(tmp_path / "overlays.png"), "ccl (seed 0)")
+    assert os.path.getsize(png) > 0
+
+
 def test_ddp_with_three_students_on_two_cpu_processes(tmp_path):
     run_dir = str(tmp_path / "ddp")
     mp.start_processes(_ddp_worker, args=(2, _free_port(), run_dir, "dml", (THREE,)), nprocs=2, join=True,

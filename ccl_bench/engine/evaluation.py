@@ -54,8 +54,10 @@ def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: d
                   region_grid: tuple[int, int] | None = None) -> None:
     """Validation images (de-normalised with ``mean``/``std``) with every student's prediction (``pred_a``,
     ``pred_b``, ...) and the who-teaches-where maps between A and B (pixels and regions, with the method's rule,
-    region size and score where it has them) as ``path`` (.npz).
-    With ``region_grid`` (the feature grid region-wise BSD trained on) the region map is the mask training used,
+    region size and score where it has them) as ``path`` (.npz); with K > 2 students also the K-student maps
+    (METHOD.md §9): ``pixel_learners`` (bit s where student s learns from a peer) and ``region_target`` (the
+    student each region's others learn from, -1 for none).
+    With ``region_grid`` (the feature grid region-wise BSD trained on) the region maps are the masks training used,
     resized to that grid by nearest neighbour, and stored at the label resolution; else one value per region."""
     x, y, *logits = (torch.cat(parts)[:count] for parts in zip(*kept))
     za, zb = logits[:2]
@@ -71,6 +73,7 @@ def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: d
     else:
         regions = ccl_ops.region_direction_mask(za, zb, y, region=region, score=score,
                                                 ignore_index=ignore_index).direction
+    peers = _peer_maps(logits, y, rule, region, score, ignore_index, region_grid) if len(logits) > 2 else {}
     mean = torch.tensor(mean or (0.0, 0.0, 0.0))[:, None, None]
     std = torch.tensor(std or (1.0, 1.0, 1.0))[:, None, None]
     images = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
@@ -79,7 +82,23 @@ def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: d
         **{f"pred_{slot}": z.argmax(1).numpy() for slot, z in zip(slots(len(logits)), logits)},
         pixel_direction=(m_ab.to(torch.int8) - m_ba.to(torch.int8)).numpy(), region_direction=regions.numpy(),
         region=np.array(region), region_grid=np.array(region_grid or ()), score=np.array(score),
-        rule=np.array(rule), step=np.array(step), ignore_index=np.array(ignore_index))
+        rule=np.array(rule), step=np.array(step), ignore_index=np.array(ignore_index), **peers)
+
+
+def _peer_maps(logits, y, rule: str, region, score: str, ignore_index: int, region_grid) -> dict[str, np.ndarray]:
+    """The K-student maps of :func:`save_overlays`, as training selects them (METHOD.md §9)."""
+    k = len(logits)
+    masks = ccl_ops.peer_masks(logits, y, rule=rule, ignore_index=ignore_index)
+    learners = torch.zeros(y.shape, dtype=torch.uint8)
+    for s in range(k):
+        learns = torch.stack([masks[r][s] for r in range(k) if r != s]).any(0)
+        learners |= learns.to(torch.uint8) << s
+    if region_grid:
+        target = ccl_ops.targets_on_grid(logits, y, region_grid, region=region, score=score, ignore_index=ignore_index)
+        target = F.interpolate(target[:, None].float(), size=tuple(y.shape[-2:]), mode="nearest")[:, 0]
+    else:
+        target = ccl_ops.region_targets(logits, y, region=region, score=score, ignore_index=ignore_index).target
+    return {"pixel_learners": learners.numpy(), "region_target": target.to(torch.int8).numpy()}
 
 
 def eval_row(step: int, result: dict, train_result: dict | None = None) -> dict:
