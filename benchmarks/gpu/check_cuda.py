@@ -13,8 +13,11 @@ Checks (each prints PASS/FAIL/SKIP and goes into the JSON):
   * forward_gradients: gradients written by the forward (grad_mask) equal the backward's at unit upstream
                 gradients; learners='a'/'b' give exactly 0 for the other loss and the same kept loss
   * liger      : ccl_bench.kernels.liger_peer matches the reference (when Liger-Kernel imports)
+  * peers      : pixel_selective_kl_peers with 3 and 8 students against its float64 reference (pixel_bsd_peers),
+                every rule, losses, counts and gradients; bitwise equal on a second run
 Bandwidth (rule 'all' = worst case for the backward; 'correct' as in the benchmark): forward, backward and region
-kernels alone, in GB/s of the bytes each must move, and as % of a device copy.
+kernels alone, and pixel_selective_kl_peers with 3 students (forward with its gradient kernel), in GB/s of the
+bytes each must move, and as % of a device copy.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 
 import ccl_ops
 from ccl_ops import reference
-from ccl_ops.testing import make_inputs
+from ccl_ops.testing import make_inputs, make_peer_inputs
 
 DEV = torch.device("cuda")
 RESULTS: dict[str, dict] = {}
@@ -226,6 +229,38 @@ def check_liger(quick):
             torch.testing.assert_close(b2.grad, b1.grad, rtol=1e-4, atol=1e-8)
 
 
+def check_peers(quick):
+    shape = (2, 19, 64, 128) if quick else (4, 19, 256, 512)
+    worst = {}
+    for k in (3, 8):
+        logits, y = make_peer_inputs(k, k, *shape, torch.float32, ignore_frac=0.1, device=DEV)
+        for rule in ccl_ops.RULES:
+            def fused():
+                z = [x.clone().requires_grad_() for x in logits]
+                out = ccl_ops.pixel_selective_kl_peers(z, y, rule=rule, temperature=1.5)
+                return out, torch.autograd.grad(out.losses.sum(), z)
+
+            (out, grads), (again, grads_again) = fused(), fused()
+            assert torch.equal(out.losses, again.losses) and torch.equal(out.counts, again.counts)
+            assert all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+            r = [x.double().requires_grad_() for x in logits]
+            ref = ccl_ops.pixel_bsd_peers(r, y, rule=rule, temperature=1.5)
+            ref_grads = torch.autograd.grad(sum(ref), r)
+            ref = torch.stack(ref).detach()
+            torch.testing.assert_close(out.losses.double(), ref, rtol=1e-4, atol=1e-6)
+            masks = ccl_ops.peer_masks(r, y, rule=rule)
+            counts = [int(torch.stack([masks[q][s] for q in range(k) if q != s]).any(0).sum()) for s in range(k)]
+            # Counts may differ by a few near-tie pixels (float32 vs float64 cross-entropies).
+            assert all(abs(int(a) - b) <= 2 + b // 100000 for a, b in zip(out.counts.tolist(), counts)), counts
+            for g, rg in zip(grads, ref_grads):
+                torch.testing.assert_close(g.double(), rg, rtol=1e-3, atol=1e-9)
+            rel = (out.losses.detach().double() - ref).abs() / ref.abs().clamp(min=1e-12)
+            worst[f"K={k}/{rule}"] = float(rel.max())
+            del out, grads, again, grads_again, r, ref_grads
+            torch.cuda.empty_cache()
+    return {"worst_rel_loss_err": worst}
+
+
 def time_ms(fn, reps=20, warmup=3):
     for _ in range(warmup):
         fn()
@@ -272,6 +307,15 @@ def bandwidth(quick):
                 "fwd_bwd_pct_copy_bench": round(100 * (2 * L + 8 * P + 2 * L) / ((fwd_ms + bwd_ms) * 1e-3) / 1e9 / copy_gbs, 1),
                 "learn_frac": round(learn_frac, 3),
             }
+        peers, _ = make_peer_inputs(9, 3, *shape, dtype, ignore_frac=0.0, device=DEV)
+        peers_ms = time_ms(lambda: torch.ops.ccl.pixel_selective_kl_peers(peers, y, 1.0, "all", "valid", 255,
+                                                                          [True] * 3))
+        # 3 logits + labels read, learner bytes written and read, 3 gradients written, 3 logits read again
+        peers_bytes = 3 * L + 8 * P + 2 * P + 3 * L + 3 * L
+        rows[f"{str(dtype)[6:]}/peers3_all"] = {
+            "fwd_bwd_ms": round(peers_ms, 3),
+            "pct_copy": round(100 * peers_bytes / (peers_ms * 1e-3) / 1e9 / copy_gbs, 1)}
+        del peers
         reg_ms = time_ms(lambda: torch.ops.ccl.region_direction_mask(za, zb, y, 16, 16, "ce", 255))
         rows[f"{str(dtype)[6:]}/region16"] = {
             "ms": round(reg_ms, 3), "pct_copy": round(100 * (2 * L + 8 * P) / (reg_ms * 1e-3) / 1e9 / copy_gbs, 1)}
@@ -289,7 +333,7 @@ def main() -> int:
     for name, fn in (("large", check_large), ("determinism", check_determinism), ("cuda_graph", check_cuda_graph),
                      ("compile_reduce_overhead", check_compile_reduce_overhead), ("no_sync", check_no_sync),
                      ("bad_label", check_bad_label), ("forward_gradients", check_forward_gradients_and_learners),
-                     ("liger", check_liger), ("bandwidth", bandwidth)):
+                     ("liger", check_liger), ("peers", check_peers), ("bandwidth", bandwidth)):
         record(name, lambda fn=fn: fn(args.quick))
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "results": RESULTS}
