@@ -11,8 +11,8 @@ from . import reference
 from .losses import (PixelBSDLoss, RegionBSDLoss, RegionBSDOutput, RegionBSDPeersLoss, RegionBSDPeersOutput,
                      direction_on_grid)
 from .ops import KERNEL_DEVICES, MAX_PEERS, backend, pixel_selective_kl, pixel_selective_kl_peers, region_direction_mask
-from .peers import (RegionRole, RegionTargets, peer_masks, pixel_bsd_peers, region_feature_losses, region_roles,
-                    region_targets, targets_on_grid)
+from .peers import (RegionRole, RegionTargets, learner_masks, peer_masks, pixel_bsd_peers, region_feature_losses,
+                    region_roles, region_targets, targets_on_grid)
 from .resize import resize_bilinear, to_label_size
 from .types import LEARNERS, NORMALIZATIONS, RULES, SCORES, RegionMask, SelectiveKL, SelectiveKLPeers
 
@@ -35,6 +35,7 @@ __all__ = [
     "SelectiveKLPeers",
     "backend",
     "direction_on_grid",
+    "learner_masks",
     "peer_masks",
     "pixel_bsd_peers",
     "pixel_selective_kl",

@@ -28,7 +28,7 @@ OPS = ("pixel_selective_kl", "pixel_selective_kl_peers", "region_direction_mask"
 # round of exponentials. On a GPU it is memory-bound: recomputing in the backward reads the logits once more,
 # while the stored gradients would be read and written again to scale them, so the backward kernel recomputes.
 FUSED_GRADIENT_DEVICES = frozenset({"cpu"})
-# The most students pixel_selective_kl_peers takes (kMaxPeers in csrc/ops/checks.h).
+# The most students pixel_selective_kl_peers takes (kMaxPeers in csrc/ops/kinds.h).
 MAX_PEERS = 8
 
 
@@ -125,13 +125,13 @@ def pixel_selective_kl_peers(
         raise ValueError(f"logits must hold at most {MAX_PEERS} students' logits for the fused op, got K = {k}")
     logits = list(logits)
     if not _use_kernel(logits[0].device):
-        from .peers import peer_masks, pixel_bsd_peers
+        from .peers import learner_masks, peer_masks, pixel_bsd_peers
 
         losses = pixel_bsd_peers(logits, y, temperature=t, rule=rule, normalize=normalize, ignore_index=ignore_index)
         with torch.no_grad():
             masks = peer_masks([z.detach() for z in logits], y, rule=rule, ignore_index=ignore_index)
-            counts = [torch.stack([masks[r][s] for r in range(k) if r != s]).any(0).sum() for s in range(k)]
-        return SelectiveKLPeers(torch.stack(losses), torch.stack(counts))
+            counts = torch.stack([learns.sum() for learns in learner_masks(masks)])
+        return SelectiveKLPeers(torch.stack(losses), counts)
     if not torch.compiler.is_compiling():
         check_label_values(y, logits[0].shape[1], ignore_index)
     grad_mask = [torch.is_grad_enabled() and z.requires_grad for z in logits]

@@ -46,6 +46,12 @@ def peer_masks(logits: Sequence[torch.Tensor], y: torch.Tensor, *, rule: str = "
     return [[None if r == s else teaches(r, s) for s in range(k)] for r in range(k)]
 
 
+def learner_masks(masks: Sequence[Sequence[torch.Tensor | None]]) -> list[torch.Tensor]:
+    """Per student s, bool (N, H, W): where it learns from at least one peer, from :func:`peer_masks`'s ``m``."""
+    k = len(masks)
+    return [torch.stack([masks[r][s] for r in range(k) if r != s]).any(0) for s in range(k)]
+
+
 def pixel_bsd_peers(logits: Sequence[torch.Tensor], y: torch.Tensor, *, temperature: float = 1.0,
                     rule: str = "correct", normalize: str = "valid", ignore_index: int = 255) -> list[torch.Tensor]:
     """Pixel-wise BSD with K students (METHOD.md §9 on §1): one scalar loss per student.
@@ -70,7 +76,7 @@ def pixel_bsd_peers(logits: Sequence[torch.Tensor], y: torch.Tensor, *, temperat
     if normalize == "valid":
         n = valid.sum()
     else:
-        n = torch.stack([masks[r][s] for r in range(k) for s in range(k) if r != s]).any(0).sum()
+        n = torch.stack(learner_masks(masks)).any(0).sum()  # where any peer teaches any student
     n = n.clamp(min=1).to(log_p[0].dtype)
     losses = []
     for s in range(k):

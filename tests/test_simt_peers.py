@@ -13,7 +13,7 @@ import torch
 from simt_harness import RULE_CODES, SUPPORTED, build, mutator, peers_case, run
 
 from ccl_ops import RULES
-from ccl_ops.peers import peer_masks, pixel_bsd_peers
+from ccl_ops.peers import learner_masks, peer_masks, pixel_bsd_peers
 from ccl_ops.testing import DTYPES, GRAD_TOL, LAYOUTS, LOSS_TOL, make_peer_inputs, with_layout
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the SIMT harness needs Linux x86-64")
@@ -52,7 +52,7 @@ def reference_peers(case, logits=None):
     grads = torch.autograd.grad(total, zs, allow_unused=True) if total.requires_grad else [None] * k
     grads = [torch.zeros_like(z) if g is None else g for z, g in zip(zs, grads)]  # nothing learnt: 0
     masks = peer_masks([z.detach() for z in zs], y, rule=rule, ignore_index=ignore_index)
-    learns = [torch.stack([masks[r][s] for r in range(k) if r != s]).any(0) for s in range(k)]
+    learns = learner_masks(masks)
     bits = sum(learn.to(torch.uint8) << s for s, learn in enumerate(learns)).flatten()
     counts = torch.stack([learn.sum() for learn in learns])
     n = (y != ignore_index).sum() if normalize == "valid" else torch.stack(learns).any(0).sum()

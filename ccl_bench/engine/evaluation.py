@@ -87,11 +87,9 @@ def save_overlays(path: str, kept: list[tuple], count: int, *, method_options: d
 
 def _peer_maps(logits, y, rule: str, region, score: str, ignore_index: int, region_grid) -> dict[str, np.ndarray]:
     """The K-student maps of :func:`save_overlays`, as training selects them (METHOD.md §9)."""
-    k = len(logits)
     masks = ccl_ops.peer_masks(logits, y, rule=rule, ignore_index=ignore_index)
     learners = torch.zeros(y.shape, dtype=torch.uint8)
-    for s in range(k):
-        learns = torch.stack([masks[r][s] for r in range(k) if r != s]).any(0)
+    for s, learns in enumerate(ccl_ops.learner_masks(masks)):
         learners |= learns.to(torch.uint8) << s
     if region_grid:
         target = ccl_ops.targets_on_grid(logits, y, region_grid, region=region, score=score, ignore_index=ignore_index)

@@ -209,11 +209,10 @@ void peers_forward(at::TensorList logits, const at::Tensor& y, acc_t temperature
 PeersOutputs pixel_selective_kl_peers_cpu(at::TensorList logits, const at::Tensor& y, double temperature,
                                           c10::string_view rule_name, c10::string_view normalize_name,
                                           int64_t ignore_index, const c10::List<bool>& mask) {
-  check_peer_logits(logits, y, mask);
-  const std::vector<bool> grad_mask = mask_of(mask);
-  check_temperature(temperature);
-  const Rule rule = parse_rule(std::string(rule_name));
-  const Normalize normalize = parse_normalize(std::string(normalize_name));
+  const PeersCall call = check_peers_call(logits, y, temperature, rule_name, normalize_name, mask);
+  const Rule rule = call.rule;
+  const Normalize normalize = call.normalize;
+  const std::vector<bool>& grad_mask = call.grad_mask;
   const int64_t K = static_cast<int64_t>(logits.size());
   const at::Tensor& z0 = logits[0];
   const int64_t N = z0.size(0), C = z0.size(1), HW = z0.size(2) * z0.size(3);

@@ -35,13 +35,12 @@ PeerGrads<scalar_t, KMAX> peer_grads_view(const std::vector<at::Tensor>& grads, 
 PeersOutputs pixel_selective_kl_peers_cuda(at::TensorList logits, const at::Tensor& y, double temperature,
                                            c10::string_view rule_name, c10::string_view normalize_name,
                                            int64_t ignore_index, const c10::List<bool>& grad_mask_list) {
-  check_peer_logits(logits, y, grad_mask_list);
-  const std::vector<bool> grad_mask = mask_of(grad_mask_list);
-  check_temperature(temperature);
+  const PeersCall call = check_peers_call(logits, y, temperature, rule_name, normalize_name, grad_mask_list);
+  const Rule rule = call.rule;
+  const Normalize normalize = call.normalize;
+  const std::vector<bool>& grad_mask = call.grad_mask;
   const at::Tensor& z0 = logits[0];
   TORCH_CHECK(z0.is_cuda(), "pixel_selective_kl_peers (CUDA): tensors must be on a CUDA device, got ", z0.device());
-  const Rule rule = parse_rule(std::string(rule_name));
-  const Normalize normalize = parse_normalize(std::string(normalize_name));
   check_sizes(z0);
   const c10::cuda::CUDAGuard guard(z0.device());
   const int64_t K = static_cast<int64_t>(logits.size());

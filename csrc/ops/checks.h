@@ -89,18 +89,27 @@ inline void check_temperature(double temperature) {
 
 namespace ccl {
 
+// The arguments of pixel_selective_kl_peers, checked and parsed (the CPU and CUDA kernels share this).
+struct PeersCall {
+  Rule rule;
+  Normalize normalize;
+  std::vector<bool> grad_mask;  // the schema's bool[] reaches a kernel as c10::List<bool>
+};
+
 // logits: 2..kMaxPeers (N, C, H, W) tensors, each checked against the first as za and zb are; grad_mask: one
 // entry per student.
-// (The schema's bool[] reaches a kernel as c10::List<bool>; use mask_of() for a plain vector.)
-inline void check_peer_logits(at::TensorList logits, const at::Tensor& y, const c10::List<bool>& grad_mask) {
+inline PeersCall check_peers_call(at::TensorList logits, const at::Tensor& y, double temperature,
+                                  c10::string_view rule, c10::string_view normalize,
+                                  const c10::List<bool>& grad_mask) {
   const int64_t K = static_cast<int64_t>(logits.size());
   TORCH_CHECK_VALUE(K >= 2 && K <= kMaxPeers, "logits must hold 2 to ", kMaxPeers, " students' logits, got ", K);
   for (int64_t s = 1; s < K; ++s) check_logits_and_labels(logits[0], logits[s], y);
   TORCH_CHECK_VALUE(static_cast<int64_t>(grad_mask.size()) == K, "grad_mask must have one entry per student (", K,
                     "), got ", grad_mask.size());
+  check_temperature(temperature);
+  return {parse_rule(std::string(rule)), parse_normalize(std::string(normalize)),
+          std::vector<bool>(grad_mask.begin(), grad_mask.end())};
 }
-
-inline std::vector<bool> mask_of(const c10::List<bool>& mask) { return {mask.begin(), mask.end()}; }
 
 // The outputs of pixel_selective_kl_peers: losses, counts, norm, grads.
 using PeersOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
