@@ -142,3 +142,27 @@ def test_tune_end_to_end_on_the_held_out_copy(tmp_path, capsys):
     assert (out / "best.yaml").is_file() and (out / "trial1" / "metrics.json").is_file()
     assert main(argv) == 0  # a finished study is reused, trial by trial
     assert capsys.readouterr().err.count("is complete; reusing it") == 2
+
+
+def test_the_tuning_gain_pairs_each_tuned_run_with_the_default_run_of_its_seed(tmp_path):
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "results3", "tuning_gain.py")
+    spec = importlib.util.spec_from_file_location("tuning_gain", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values = {("dml", 0): 0.50, ("dml", 1): 0.60, ("dml", 2): 0.70, ("dml+tuned", 0): 0.52, ("dml+tuned", 1): 0.63,
+              ("dml+tuned", 2): 0.74, ("ccl", 0): 0.40, ("ccl+tuned", 5): 0.9}  # ccl: no common seed
+    for (method, seed), a in values.items():
+        run = tmp_path / method / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(
+            {"method": method, "seed": seed, "step": 1, "miou": {"a": a, "b": a / 2, "ensemble": a}}))
+    runs = module.load_runs([str(tmp_path)])
+    tuned = runs["method"].str.endswith("+tuned")
+    table = module.tuning_gain(runs[~tuned], runs[tuned], ["dml", "ccl"]).set_index("method")
+    assert list(table.index) == ["dml"] and table.loc["dml", "seeds"] == 3
+    # per-seed gains 2, 3 and 4 points: mean 3, t(0.975, 2) = 4.303 times 1 / sqrt(3)
+    assert table.loc["dml", "tuned − defaults A"] == "+3.00 [+0.52, +5.48] *"
+    assert table.loc["dml", "tuned − defaults B"] == "+1.50 [+0.26, +2.74] *"

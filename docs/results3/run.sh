@@ -88,6 +88,8 @@ stage_report() {  # every table and plot of docs/RESULTS.md from the finished ru
     report "$pc/independent" "$RUNS/cnn-vit/tuned" --out "$OUT/cnn-vit/tuned" --order "$tuned_order" --no-plots
     report "$RUNS/cnn-vit/tuned" --out "$OUT/cnn-vit/tuned/vs_ccl" --baseline ccl+tuned --no-plots \
       --order "ccl+tuned,$tuned_order"
+    python "$OUT/tuning_gain.py" "${defaults[@]}" --tuned "$RUNS/cnn-vit/tuned" --order "${order#independent,}" \
+      --out "$OUT/cnn-vit/tuned/vs_defaults.md" > /dev/null
   fi
   [ -d "$TUNE" ] && python "$OUT/tune_table.py" "$TUNE" --out "$OUT/tune.md" > /dev/null
   [ -d "$RUNS/ablations" ] && report "$RUNS/cnn-vit/tuned/ccl" "$RUNS/ablations" --out "$OUT/ablations" \
