@@ -7,30 +7,31 @@ its 95% t interval, mIoU in %), for every method that has both (`<method>` and `
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 import pandas as pd
 
-from ccl_bench.report import load_runs, paired_t, student_columns
+from ccl_bench.report import _interval, _signed, load_runs, student_columns, summarize
+from ccl_bench.student_names import ENSEMBLE
 
 SUFFIX = "+tuned"
 
 
-def tuning_gain(defaults: pd.DataFrame, tuned: pd.DataFrame, order: list[str] = ()) -> pd.DataFrame:
+def tuning_gain(defaults: pd.DataFrame, tuned: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per method with both rows: the report's paired Δ of ``<method>+tuned`` to ``<method>``."""
+    rank = {m: i for i, m in enumerate(order)}
+    methods = sorted((label.removesuffix(SUFFIX) for label in tuned["method"].unique() if label.endswith(SUFFIX)),
+                     key=lambda m: rank.get(m, len(rank)))
     rows = []
-    labels = sorted(tuned["method"].unique(), key=lambda l: (list(order) + [l.removesuffix(SUFFIX)]).index(
-        l.removesuffix(SUFFIX)))
-    for label in labels:
-        method = label.removesuffix(SUFFIX)
-        base = defaults[defaults["method"] == method].set_index("seed")
-        runs = tuned[tuned["method"] == label].set_index("seed")
-        common = runs.index.intersection(base.index).sort_values()
-        if label == method or not len(common):
+    for method in methods:
+        pair = pd.concat([defaults[defaults["method"] == method], tuned[tuned["method"] == method + SUFFIX]])
+        gain = summarize(pair, baseline=method).set_index("method").loc[method + SUFFIX]
+        if not gain.get(f"{ENSEMBLE}_pairs", 0):
             continue
-        row = {"method": method, "seeds": len(common)}
+        row = {"method": method, "seeds": int(gain[f"{ENSEMBLE}_pairs"])}
         for key, title in student_columns(tuned):
-            mean, low, high = paired_t(100 * (runs.loc[common, f"miou_{key}"] - base.loc[common, f"miou_{key}"]))
-            star = " *" if low > 0 or high < 0 else ""
-            row[f"tuned − defaults {title}"] = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]{star}"
+            row[f"tuned − defaults {title}"] = (f"{_signed(gain[f'{key}_paired_mean'])} "
+                                               f"{_interval(gain[f'{key}_ci_low'], gain[f'{key}_ci_high'])}")
         rows.append(row)
     return pd.DataFrame(rows)
 
