@@ -92,9 +92,11 @@ stage_report() {  # every table and plot of docs/RESULTS.md from the finished ru
       --out "$OUT/cnn-vit/tuned/vs_defaults.md" > /dev/null
   fi
   [ -d "$TUNE" ] && python "$OUT/tune_table.py" "$TUNE" --out "$OUT/tune.md" > /dev/null
-  # the ablations' baseline: the tuned CCL runs of the ablations' own seeds (0-2), so every column compares like with like
+  # the ablations against tuned CCL, then against independent training and DML; every row on the ablations' seeds (0-2)
   [ -d "$RUNS/ablations" ] && report "$RUNS"/cnn-vit/tuned/ccl/seed{0,1,2} "$RUNS/ablations" --out "$OUT/ablations" \
     --baseline ccl+tuned --order ccl+tuned --no-plots
+  [ -d "$RUNS/ablations" ] && report "$pc"/{independent,dml}/seed{0,1,2} "$RUNS"/cnn-vit/tuned/{dml,ccl}/seed{0,1,2} \
+    "$RUNS/ablations" --out "$OUT/ablations/vs_independent" --order independent,dml,dml+tuned,ccl+tuned --no-plots
   [ -d "$RUNS/cnn-cnn" ] && report "$pcc/independent" "$pcc/dml" "$RUNS/cnn-cnn/defaults" --out "$OUT/cnn-cnn" \
     --order "$order" --no-plots
   return 0
