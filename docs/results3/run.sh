@@ -99,6 +99,8 @@ stage_report() {  # every table and plot of docs/RESULTS.md from the finished ru
     "$RUNS/ablations" --out "$OUT/ablations/vs_independent" --order independent,dml,dml+tuned,ccl+tuned --no-plots
   [ -d "$RUNS/cnn-cnn" ] && report "$pcc/independent" "$pcc/dml" "$RUNS/cnn-cnn/defaults" --out "$OUT/cnn-cnn" \
     --order "$order" --no-plots
+  [ -d "$RUNS/cnn-cnn" ] && report "$pcc/independent" "$pcc/dml" "$RUNS/cnn-cnn/defaults" \
+    --out "$OUT/cnn-cnn/vs_ccl" --baseline ccl --order "ccl,$order" --no-plots
   return 0
 }
 
