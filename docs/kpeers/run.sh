@@ -54,8 +54,8 @@ stage_kernels() {  # the K-student selective KL alone against K: fused, eager an
 }
 
 stage_report() {
-  local two=(docs/positive_control/runs/cnn-vit/plain docs/results3/runs/cnn-vit/defaults/kdcl-minlogit
-             docs/results3/runs/cnn-vit/defaults/ccl)
+  local two=(docs/positive_control/runs/cnn-vit/plain/{independent,dml}/seed{0,1,2}  # K = 2: the same seeds 0-2
+             docs/results3/runs/cnn-vit/defaults/{kdcl-minlogit,ccl}/seed{0,1,2})
   ccl-bench report "${two[@]}" --out "$OUT/k2" --order "$(IFS=,; echo "${METHODS[*]}")" --complete-only --no-plots \
     > /dev/null
   for k in 3 4; do
